@@ -1,0 +1,46 @@
+"""Make CrypTen 0.4.1 importable and usable on current PyTorch (2.x).
+
+CrypTen's ONNX converter imports ``torch.onnx._internal.registration`` at
+import time; the module moved in newer PyTorch, so ``import crypten`` fails
+before any MPC code runs. The MPC runtime does not need that module, so we
+register an empty stand-in under that name *only if the real one is missing*.
+The ONNX path (``crypten.nn.from_pytorch``) stays unsupported; models are
+converted by :mod:`cipherdm_torch` from their ``torch.export`` graph instead.
+
+This module is applied automatically by ``import cipherdm_torch``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+_ONNX_REGISTRATION = "torch.onnx._internal.registration"
+STAND_IN_ATTR = "__cipherdm_stand_in__"
+
+
+def _install_onnx_registration_stand_in() -> bool:
+    """Register a stand-in for the moved ONNX module; return True if one was needed."""
+    try:
+        importlib.import_module(_ONNX_REGISTRATION)
+        return False
+    except ImportError:
+        pass
+    stand_in = types.ModuleType(_ONNX_REGISTRATION)
+    stand_in.__doc__ = "cipherdm_torch stand-in: CrypTen's ONNX converter is unsupported here."
+    stand_in.registry = None
+    setattr(stand_in, STAND_IN_ATTR, True)
+    sys.modules[_ONNX_REGISTRATION] = stand_in
+    return True
+
+
+def apply() -> types.ModuleType:
+    """Apply the compatibility fixes and return the imported ``crypten`` module."""
+    _install_onnx_registration_stand_in()
+    import crypten  # noqa: WPS433 (import after the fix on purpose)
+
+    return crypten
+
+
+crypten = apply()

@@ -1,0 +1,1 @@
+"""MPC protocols for diffusion UNets (imported as ``cipherdm_torch.protocols``)."""

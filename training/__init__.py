@@ -1,0 +1,1 @@
+"""Differentially private diffusion training, DPDM recipe (imported as ``cipherdm_torch.training``)."""
