@@ -1,0 +1,122 @@
+"""The three-party runtime: results per rank, roles, and loud, bounded failure."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import cipherdm_torch
+from cipherdm_torch import PartyError, Roles, launch, party
+import crypten
+import crypten.communicator as comm
+
+
+def _whoami(tag):
+    p = party()
+    return {"tag": tag, "rank": p.rank, "world": p.world_size,
+            "comm_rank": comm.get().get_rank(), "owner": p.is_owner, "user": p.is_user}
+
+
+def _share_and_reveal(x):
+    return crypten.cryptensor(x, src=party().roles.user).get_plain_text()
+
+
+def test_launch_returns_each_party_result_and_roles():
+    results = launch(_whoami, "hi", roles=Roles(owner=2, user=0))
+    assert [r["rank"] for r in results] == [0, 1, 2]
+    assert [r["comm_rank"] for r in results] == [0, 1, 2]
+    assert all(r["world"] == 3 and r["tag"] == "hi" for r in results)
+    assert [r["owner"] for r in results] == [False, False, True]
+    assert [r["user"] for r in results] == [True, False, False]
+
+
+def test_pool_runs_many_calls(parties):
+    x = torch.linspace(-100, 100, 11)
+    for _ in range(3):
+        for out in parties.run(_share_and_reveal, x):
+            torch.testing.assert_close(out, x, atol=1e-4, rtol=0)
+
+
+def test_bad_roles_and_world_size_are_rejected():
+    with pytest.raises(ValueError, match="role user is rank 5"):
+        launch(_whoami, "x", roles=Roles(user=5))
+    with pytest.raises(ValueError, match="world_size"):
+        cipherdm_torch.PartyPool(world_size=1)
+
+
+def test_unpicklable_function_is_a_clear_error():
+    with pytest.raises(TypeError, match="module-level function"):
+        launch(lambda: 1)
+
+
+def _raise_in_party_1():
+    if party().rank == 1:
+        raise ValueError("bad input on purpose")
+    # the others block in a collective that party 1 never joins
+    crypten.cryptensor(torch.ones(4)).get_plain_text()
+
+
+def _die_in_party_2():
+    if party().rank == 2:
+        os._exit(3)
+    crypten.cryptensor(torch.ones(4)).get_plain_text()
+
+
+def _hang_in_party_0():
+    if party().rank == 0:
+        time.sleep(3600)
+    crypten.cryptensor(torch.ones(4)).get_plain_text()
+
+
+def test_raising_party_is_named_and_others_stop():
+    t0 = time.monotonic()
+    with pytest.raises(PartyError) as err:
+        launch(_raise_in_party_1)
+    assert err.value.rank == 1
+    assert "ValueError: bad input on purpose" in str(err.value)
+    assert time.monotonic() - t0 < 60
+
+
+def test_dead_party_is_named_within_bounded_time():
+    t0 = time.monotonic()
+    with pytest.raises(PartyError) as err:
+        launch(_die_in_party_2)
+    assert err.value.rank == 2
+    assert "exited with code 3" in str(err.value)
+    assert time.monotonic() - t0 < 60
+
+
+def test_hanging_party_times_out():
+    t0 = time.monotonic()
+    with pytest.raises(PartyError, match="timed out"):
+        launch(_hang_in_party_0, timeout=20)
+    assert time.monotonic() - t0 < 60
+
+
+def test_same_code_runs_under_torchrun(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch, cipherdm_torch, crypten
+
+        def job(x):
+            p = cipherdm_torch.party()
+            return (crypten.cryptensor(x, src=p.roles.user) * 2).get_plain_text()
+
+        if __name__ == "__main__":
+            out = cipherdm_torch.launch(job, torch.arange(4.0))
+            rank = cipherdm_torch.party().rank
+            assert [o is not None for o in out] == [r == rank for r in range(3)], out
+            with open(sys.argv[1] + f"/result{rank}.txt", "w") as f:
+                f.write(str(out[rank].tolist()))
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           "--nproc-per-node=3", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in range(3):
+        assert (tmp_path / f"result{r}.txt").read_text() == "[0.0, 2.0, 4.0, 6.0]"
