@@ -1,0 +1,109 @@
+"""Public entry points for every nonlinear function on secret shares.
+
+Each call dispatches on :func:`cipherdm_torch.protocols.config.current`:
+``"baseline"`` runs CrypTen's direct method (:mod:`.baseline`), ``"optimised"``
+runs this package's protocol. Inputs and outputs are CrypTen ``MPCTensor``\\ s
+of any shape; a cost region named after the function is opened on every
+active :class:`cipherdm_torch.cost.CostMeter`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from .. import cost
+from . import baseline, config, normalization
+
+__all__ = ["silu", "mish", "gelu", "geglu", "exp", "softmax", "reciprocal", "rsqrt",
+           "group_norm", "layer_norm"]
+
+
+def _optimised(name):
+    """The optimised implementation of ``name`` (imported lazily: modules are independent)."""
+    if name in ("silu", "mish", "gelu"):
+        from . import activations as mod
+    elif name in ("exp", "softmax"):
+        from . import exp_softmax as mod
+    elif name in ("reciprocal", "rsqrt"):
+        from . import reciprocal as mod
+    else:
+        raise KeyError(name)
+    return getattr(mod, name)
+
+
+def _impl(name):
+    variant = getattr(config.current(), name)
+    return getattr(baseline, name) if variant == "baseline" else _optimised(name)
+
+
+def silu(x):
+    """x * sigmoid(x)."""
+    with cost.region("silu"):
+        return _impl("silu")(x)
+
+
+def mish(x):
+    """x * tanh(softplus(x))."""
+    with cost.region("mish"):
+        return _impl("mish")(x)
+
+
+def gelu(x, approximate: str = "none"):
+    """GELU, erf form (``approximate="none"``) or tanh form (``"tanh"``)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    with cost.region("gelu"):
+        return _impl("gelu")(x, approximate=approximate)
+
+
+def geglu(x, dim: int = -1, approximate: str = "none"):
+    """GEGLU: ``a * gelu(b)`` with ``a, b = x.chunk(2, dim)`` (diffusers' GEGLU order)."""
+    size = x.size(dim)
+    if size % 2:
+        raise ValueError(f"geglu: dimension {dim} has odd size {size}")
+    a, b = x.split(size // 2, dim)
+    return a * gelu(b, approximate=approximate)
+
+
+def exp(x):
+    """exp(x) for x <= 0 (softmax inputs after subtracting the row max)."""
+    with cost.region("exp"):
+        return _impl("exp")(x)
+
+
+def softmax(x, dim: int):
+    """Softmax along ``dim``."""
+    with cost.region("softmax"):
+        return _impl("softmax")(x, dim)
+
+
+def reciprocal(x):
+    """1 / x for x > 0."""
+    with cost.region("reciprocal"):
+        return _impl("reciprocal")(x)
+
+
+def rsqrt(x):
+    """1 / sqrt(x) for x > 0."""
+    with cost.region("rsqrt"):
+        return _impl("rsqrt")(x)
+
+
+def _norm_rsqrt(name):
+    variant = getattr(config.current(), name)
+    return baseline.rsqrt if variant == "baseline" else _optimised("rsqrt")
+
+
+def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """GroupNorm of x (N, C, *); weight / bias: torch tensor, MPCTensor or None."""
+    with cost.region("group_norm"):
+        return normalization.group_norm(x, num_groups, weight, bias, eps,
+                                        rsqrt=_norm_rsqrt("group_norm"))
+
+
+def layer_norm(x, normalized_shape: Union[int, Sequence[int]], weight=None, bias=None,
+               eps: float = 1e-5):
+    """LayerNorm over the trailing ``normalized_shape`` dimensions."""
+    with cost.region("layer_norm"):
+        return normalization.layer_norm(x, normalized_shape, weight, bias, eps,
+                                        rsqrt=_norm_rsqrt("layer_norm"))

@@ -1,0 +1,60 @@
+"""GroupNorm and LayerNorm on secret shares.
+
+Mean and variance are local sums and one square per element; the only
+nonlinear step is one inverse square root per group (or per row), taken
+from :func:`cipherdm_torch.protocols.functions.rsqrt` so that the variant
+switch picks CrypTen's ``inv_sqrt`` or the magnitude-guided protocol.
+The affine weight / bias may be public tensors or secret shares.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence, Union
+
+import torch
+
+__all__ = ["group_norm", "layer_norm"]
+
+
+def _normalise_last(x, eps: float, rsqrt: Callable):
+    """(x - mean) * rsqrt(var + eps) over the last dimension of ``x``."""
+    centred = x - x.mean(-1, keepdim=True)
+    var = centred.square().mean(-1, keepdim=True)
+    return centred * rsqrt(var + eps)
+
+
+def _affine(y, weight, bias, shape):
+    if weight is not None:
+        y = y * _view(weight, shape)
+    if bias is not None:
+        y = y + _view(bias, shape)
+    return y
+
+
+def _view(t, shape):
+    return t.reshape(shape) if torch.is_tensor(t) else t.view(*shape)
+
+
+def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *,
+               rsqrt: Callable):
+    """GroupNorm of ``x`` (N, C, *) with ``num_groups`` groups."""
+    n, c = x.size(0), x.size(1)
+    if c % num_groups:
+        raise ValueError(f"group_norm: {c} channels are not divisible into {num_groups} groups")
+    spatial = list(x.size())[2:]
+    y = _normalise_last(x.reshape(n, num_groups, -1), eps, rsqrt)
+    y = y.reshape(n, c, *spatial)
+    return _affine(y, weight, bias, [1, c] + [1] * len(spatial))
+
+
+def layer_norm(x, normalized_shape: Union[int, Sequence[int]], weight=None, bias=None,
+               eps: float = 1e-5, *, rsqrt: Callable):
+    """LayerNorm over the trailing ``normalized_shape`` dimensions of ``x``."""
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    lead = list(x.size())[: x.dim() - len(shape)]
+    if list(x.size())[x.dim() - len(shape):] != shape:
+        raise ValueError(f"layer_norm: input {tuple(x.size())} does not end in {tuple(shape)}")
+    y = _normalise_last(x.reshape(*lead, math.prod(shape)), eps, rsqrt)
+    y = y.reshape(*lead, *shape)
+    return _affine(y, weight, bias, shape)
