@@ -1,0 +1,133 @@
+"""Privacy accounting for Poisson-subsampled Gaussian DP-SGD (Opacus' RDP or PRV accountant).
+
+A run's privacy history is a list of ``(noise_multiplier, sample_rate, steps)`` segments, the format
+of Opacus' accountants; it is what the ledger stores, so a resumed run continues the same history.
+``dp_accounting_epsilon`` recomputes epsilon with Google's ``dp-accounting`` package (an independent
+implementation) for cross-checks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Sequence, Tuple
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+__all__ = [
+    "ACCOUNTANTS",
+    "noise_multiplier_for",
+    "epsilon_spent",
+    "max_steps_within_budget",
+    "merge_history",
+    "dp_accounting_epsilon",
+]
+
+ACCOUNTANTS = ("rdp", "prv")
+Segment = Tuple[float, float, int]
+
+
+def _check(accountant: str) -> str:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    return accountant
+
+
+def merge_history(history: Iterable[Sequence]) -> List[Segment]:
+    """Canonical history: consecutive segments with equal (sigma, q) merged, empty ones dropped."""
+    out: List[Segment] = []
+    for sigma, q, steps in history:
+        steps = int(steps)
+        if steps <= 0:
+            continue
+        if out and out[-1][0] == float(sigma) and out[-1][1] == float(q):
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + steps)
+        else:
+            out.append((float(sigma), float(q), steps))
+    return out
+
+
+def epsilon_spent(history: Iterable[Sequence], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` after all segments of ``history`` (0 for an empty history)."""
+    hist = merge_history(history)
+    if not hist:
+        return 0.0
+    acc = create_accountant(mechanism=_check(accountant))
+    acc.history = [tuple(h) for h in hist]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def noise_multiplier_for(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.005,
+) -> float:
+    """Smallest noise multiplier (to ``epsilon_tolerance``) with epsilon(steps) <= target_epsilon."""
+    if not (0 < sample_rate <= 1):
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=int(steps),
+            accountant=_check(accountant),
+            epsilon_tolerance=epsilon_tolerance,
+        )
+    )
+
+
+def max_steps_within_budget(
+    history: Iterable[Sequence],
+    noise_multiplier: float,
+    sample_rate: float,
+    epsilon_budget: float,
+    delta: float,
+    accountant: str = "rdp",
+    upper: int = 10_000_000,
+) -> int:
+    """Largest n >= 0 such that ``history`` + n steps at (sigma, q) stays within the budget."""
+    base = merge_history(history)
+
+    def eps(n):
+        return epsilon_spent(base + [(noise_multiplier, sample_rate, n)], delta, accountant)
+
+    if eps(0) > epsilon_budget:
+        return 0
+    lo, hi = 0, 1
+    while eps(hi) <= epsilon_budget:
+        lo, hi = hi, hi * 2
+        if hi > upper:
+            return upper
+    while hi - lo > 1:  # invariant: eps(lo) <= budget < eps(hi)
+        mid = (lo + hi) // 2
+        if eps(mid) <= epsilon_budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def dp_accounting_epsilon(
+    history: Iterable[Sequence], delta: float, method: str = "rdp"
+) -> float:
+    """Epsilon of the same history by Google's ``dp_accounting`` (``method`` "rdp" or "pld")."""
+    import dp_accounting  # test / cross-check dependency
+
+    events = [
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+        for sigma, q, steps in merge_history(history)
+    ]
+    event = dp_accounting.ComposedDpEvent(events)
+    if method == "rdp":
+        acc = dp_accounting.rdp.RdpAccountant()
+    elif method == "pld":
+        acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    else:
+        raise ValueError("method must be 'rdp' or 'pld'")
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))

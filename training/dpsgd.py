@@ -1,0 +1,185 @@
+"""DP-SGD with noise multiplicity K on Opacus.
+
+One logical step (DPDM):
+
+1. Poisson sampling: every training example joins the batch independently with probability q.
+2. Each selected example gets K noise levels / noise draws; the B*K rows go through the model in
+   physical micro-batches of at most ``max_physical_batch`` examples (so memory stays bounded).
+3. Opacus' ``GradSampleModule`` (``loss_reduction="sum"``) gives one gradient per *row* of the
+   loss ``sum_i mean_k l_ik``; we sum each example's K rows (rows are example-major), which is the
+   gradient of that example's K-averaged loss: one per-example gradient, as in DPDM.
+4. Opacus' ``DPOptimizer`` clips each per-example gradient to C, accumulates over micro-batches,
+   adds N(0, sigma^2 C^2) noise once per logical step and divides by the expected batch size qN.
+
+Stock Opacus on the B*K rows would clip each row separately (each example would contribute up to
+K*C), which breaks the accounting; the K-collapse before clipping is what makes it right.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from .precond import Denoiser, per_example_loss
+
+__all__ = ["DPSGDEngine", "poisson_sample", "collapse_grad_samples", "GRAD_SAMPLE_MODES"]
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+
+def poisson_sample(n: int, q: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Indices of a Poisson-sampled batch: each of n examples kept independently with prob. q."""
+    return torch.nonzero(torch.rand(n, generator=generator) < q, as_tuple=False).flatten()
+
+
+def collapse_grad_samples(params, batch: int, k: int) -> None:
+    """Replace each ``p.grad_sample`` of B*K rows by the per-example sums of its K rows (B rows)."""
+    for p in params:
+        gs = p.grad_sample
+        if isinstance(gs, list):
+            raise RuntimeError("grad samples from several forward passes; expected one")
+        if gs.shape[0] != batch * k:
+            raise RuntimeError(
+                f"grad_sample has {gs.shape[0]} rows, expected batch*K = {batch}*{k}"
+            )
+        p.grad_sample = gs.reshape(batch, k, *gs.shape[1:]).sum(dim=1)
+
+
+def _contiguous_pre_hook(module, args):
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
+class DPSGDEngine:
+    """Per-example-clipped, noised gradient steps of a ``Denoiser`` with noise multiplicity K.
+
+    ``optimizer`` is an ordinary torch optimizer over ``denoiser.parameters()``; it is wrapped in
+    Opacus' ``DPOptimizer``. ``grad_sample_mode``: ``"hooks"`` (Opacus' per-layer samplers; conv
+    inputs forced contiguous) or ``"functorch"`` (Opacus' vmap-based per-layer samplers).
+    ``noise_multiplier=0`` and ``max_grad_norm=inf`` give non-private (but per-example) steps.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        k: int = 1,
+        max_physical_batch: int = 64,
+        grad_sample_mode: str = "hooks",
+        label_dropout: float = 0.1,
+        pixel_reduction: str = "sum",
+        noise_generator: Optional[torch.Generator] = None,
+    ):
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
+        if k < 1:
+            raise ValueError("noise multiplicity K must be >= 1")
+        self.denoiser = denoiser
+        self.k = int(k)
+        self.max_physical_batch = max(1, int(max_physical_batch))
+        self.label_dropout = label_dropout
+        self.pixel_reduction = pixel_reduction
+        self._hooks = []
+        if grad_sample_mode == "hooks":
+            # Opacus' conv sampler assumes contiguous NCHW inputs (see module docstring of unet.py).
+            for m in denoiser.modules():
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    self._hooks.append(m.register_forward_pre_hook(_contiguous_pre_hook))
+        self.gsm = GradSampleModule(
+            denoiser,
+            batch_first=True,
+            loss_reduction="sum",
+            force_functorch=(grad_sample_mode == "functorch"),
+        )
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=noise_generator,
+        )
+        self.last_per_example_norms: Optional[torch.Tensor] = None
+
+    # -- per-example gradients -------------------------------------------------------------
+    def _backward_chunk(self, x0, labels, generator, rows=None) -> torch.Tensor:
+        loss = per_example_loss(
+            self.gsm,
+            self.denoiser,
+            x0,
+            labels,
+            self.k,
+            generator=generator,
+            label_dropout=self.label_dropout,
+            pixel_reduction=self.pixel_reduction,
+            rows=rows,
+        )
+        loss.sum().backward()
+        collapse_grad_samples(self.params, x0.shape[0], self.k)
+        return loss.detach()
+
+    def per_example_grads(self, x0, labels=None, generator=None, rows=None) -> Dict[str, torch.Tensor]:
+        """Unclipped per-example gradients of the K-averaged losses: name -> (B, *param.shape)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._backward_chunk(x0, labels, generator, rows=rows)
+        out = {n: p.grad_sample.detach().clone() for n, p in self.denoiser.named_parameters()
+               if p.requires_grad}
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    # -- one logical DP step ---------------------------------------------------------------
+    def step(self, x0: torch.Tensor, labels: Optional[torch.Tensor], generator=None) -> float:
+        """One DP-SGD step on a (Poisson-sampled) logical batch; returns its mean loss.
+
+        An empty batch is a valid Poisson draw: the update is then noise only.
+        """
+        b = x0.shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.denoiser.train()
+        losses = []
+        norms = []
+        chunks = list(range(0, b, self.max_physical_batch)) or [0]
+        for ci, start in enumerate(chunks):
+            last = ci == len(chunks) - 1
+            if b == 0:
+                for p in self.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            else:
+                xs = x0[start:start + self.max_physical_batch]
+                ls = None if labels is None else labels[start:start + self.max_physical_batch]
+                losses.append(self._backward_chunk(xs, ls, generator))
+                norms.append(self._norms())
+            if not last:
+                self.optimizer.signal_skip_step(do_skip=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.step()
+        self.last_per_example_norms = torch.cat(norms) if norms else torch.zeros(0)
+        return float(torch.cat(losses).mean()) if losses else float("nan")
+
+    def _norms(self) -> torch.Tensor:
+        sq = None
+        for p in self.params:
+            g = p.grad_sample.reshape(p.grad_sample.shape[0], -1).pow(2).sum(1)
+            sq = g if sq is None else sq + g
+        return sq.sqrt().detach()
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.optimizer.noise_multiplier
+
+    def detach(self) -> None:
+        """Remove Opacus' and our hooks from the model (e.g. before sampling / export)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.gsm.remove_hooks()

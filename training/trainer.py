@@ -1,0 +1,436 @@
+"""The DPDM trainer: configuration, training loop, EMA, checkpoints, resume and the ledger.
+
+Script use::
+
+    from cipherdm_torch.training import DPDMTrainer, TrainConfig
+    cfg = TrainConfig(data="mnist", output_dir="runs/mnist-eps10", epsilon=10.0, epochs=10,
+                      batch_size=256, noise_multiplicity=4, model_channels=16)
+    trainer = DPDMTrainer(cfg)
+    ledger = trainer.train()           # stops at its step count or its privacy budget
+    images = trainer.sample(labels=range(10))
+
+Output folder layout::
+
+    <output_dir>/train_config.json          resolved config (noise multiplier included)
+    <output_dir>/ledger.json                privacy ledger, rewritten atomically at every step
+    <output_dir>/checkpoint-0000500/        backbone/ and backbone_ema/ (diffusers save_pretrained,
+                                            safetensors), denoiser.json, trainer_state.pt,
+                                            ledger.json (snapshot), samples.png
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .accounting import noise_multiplier_for
+from .data import ImageDataset, load_dataset
+from .dpsgd import DPSGDEngine, poisson_sample
+from .ledger import BudgetExceeded, LedgerError, PrivacyLedger, atomic_write_json, read_json
+from .precond import Denoiser, make_precond
+from .samplers import sample as sample_images
+from .unet import DiffusersBackbone, DPUNet, count_parameters, make_diffusers_unet
+
+__all__ = [
+    "TrainConfig",
+    "DPDMTrainer",
+    "build_denoiser",
+    "load_denoiser",
+    "save_denoiser",
+    "latest_checkpoint",
+    "save_image_grid",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a DPDM run needs. Defaults are DPDM's MNIST epsilon-10 recipe (GPU-sized)."""
+
+    # data and output
+    data: str = "mnist"
+    output_dir: str = "runs/dpdm"
+    max_train_examples: Optional[int] = None  # use a random subset (quick runs / tests)
+    # model
+    backbone: str = "own"  # "own" (DPUNet) or "diffusers" (UNet2DModel)
+    model_channels: int = 32
+    channel_mult: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (7,)  # own UNet; diffusers: attention on the last level
+    num_heads: int = 1
+    dropout: float = 0.1
+    class_conditional: bool = True
+    # preconditioning
+    precond: str = "edm"  # "edm" or "v"
+    sigma_data: Optional[float] = None  # default: sqrt(1/3) for edm, 1.0 for v
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    label_dropout: float = 0.1
+    pixel_reduction: str = "sum"
+    # privacy
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    noise_multiplier: Optional[float] = None  # None: computed from (epsilon, delta, q, steps)
+    max_grad_norm: float = 1.0
+    batch_size: int = 4000  # expected logical batch (Poisson sampling, q = batch_size / N)
+    noise_multiplicity: int = 32
+    epochs: Optional[float] = 300.0
+    steps: Optional[int] = None  # overrides epochs
+    max_physical_batch: int = 64
+    grad_sample_mode: str = "hooks"
+    # optimiser
+    lr: float = 3e-4
+    ema_decay: float = 0.999
+    # checkpoints, samples, logging
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_grid: bool = True
+    sample_steps: int = 18
+    guidance: float = 1.0
+    log_every: int = 10
+    seed: int = 0  # model init and diffusion noise draws
+    dp_seed: Optional[int] = None  # Poisson sampling and DP noise; None: fresh OS randomness
+    threads: Optional[int] = None
+
+    def to_dict(self):
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------------------- model I/O
+def _precond_from_config(cfg: TrainConfig):
+    kw = {}
+    if cfg.precond == "edm":
+        kw = dict(p_mean=cfg.p_mean, p_std=cfg.p_std)
+    if cfg.sigma_data is not None:
+        kw["sigma_data"] = cfg.sigma_data
+    return make_precond(cfg.precond, **kw)
+
+
+def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> Denoiser:
+    """A fresh ``Denoiser`` for images of shape (C, H, W) as the config describes."""
+    c, h, w = image_shape
+    if h != w:
+        raise ValueError("only square images are supported")
+    nc = num_classes if cfg.class_conditional else 0
+    if cfg.backbone == "own":
+        bb = DPUNet(img_resolution=h, in_channels=c, out_channels=c, num_classes=nc,
+                    model_channels=cfg.model_channels, channel_mult=tuple(cfg.channel_mult),
+                    num_res_blocks=cfg.num_res_blocks, attn_resolutions=tuple(cfg.attn_resolutions),
+                    num_heads=cfg.num_heads, dropout=cfg.dropout)
+    elif cfg.backbone == "diffusers":
+        mults = tuple(cfg.channel_mult)
+        bb = make_diffusers_unet(
+            img_resolution=h, in_channels=c, out_channels=c, num_classes=nc,
+            block_out_channels=tuple(cfg.model_channels * m for m in mults),
+            layers_per_block=cfg.num_res_blocks,
+            attention_levels=tuple(i == len(mults) - 1 for i in range(len(mults))),
+            dropout=cfg.dropout,
+        )
+    else:
+        raise ValueError(f"backbone must be 'own' or 'diffusers', got {cfg.backbone!r}")
+    return Denoiser(bb, _precond_from_config(cfg), nc)
+
+
+def save_denoiser(denoiser: Denoiser, folder: str, subfolder: str = "backbone") -> None:
+    """Weights via diffusers ``save_pretrained`` (safetensors) + ``denoiser.json``."""
+    bb = denoiser.backbone
+    kind = "diffusers" if isinstance(bb, DiffusersBackbone) else "own"
+    bb.save_pretrained(os.path.join(folder, subfolder), safe_serialization=True)
+    atomic_write_json(os.path.join(folder, "denoiser.json"), {
+        "backbone": kind,
+        "num_classes": denoiser.num_classes,
+        "precond": denoiser.precond.to_dict(),
+    })
+
+
+def load_denoiser(folder: str, ema: bool = True) -> Denoiser:
+    """Load a ``Denoiser`` from a checkpoint folder (EMA weights by default)."""
+    meta_path = os.path.join(folder, "denoiser.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{folder} is not a checkpoint (no denoiser.json)")
+    meta = read_json(meta_path)
+    sub = os.path.join(folder, "backbone_ema" if ema else "backbone")
+    if not os.path.isdir(sub):
+        sub = os.path.join(folder, "backbone")
+    if meta["backbone"] == "own":
+        bb = DPUNet.from_pretrained(sub)
+    else:
+        from diffusers import UNet2DModel
+        bb = DiffusersBackbone(UNet2DModel.from_pretrained(sub), meta["num_classes"])
+    den = Denoiser(bb, make_precond(**meta["precond"]), meta["num_classes"])
+    den.eval()
+    return den
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The checkpoint folder the run's ledger points to (None if none was written)."""
+    led = PrivacyLedger.load(os.path.join(output_dir, "ledger.json"))
+    return os.path.join(output_dir, led.checkpoint) if led.checkpoint else None
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10) -> None:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid (atomically)."""
+    from PIL import Image
+
+    x = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = torch.zeros((c, nrows * (h + 2) + 2, ncol * (w + 2) + 2), dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = x[i]
+    arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.ascontiguousarray(arr)).save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- trainer
+class DPDMTrainer:
+    """DP-SGD trainer of a class-conditional diffusion denoiser with noise multiplicity K.
+
+    ``DPDMTrainer(cfg)`` starts a new run in ``cfg.output_dir`` (an existing ledger there is an
+    error unless ``resume=True``); ``DPDMTrainer.resume(output_dir)`` continues a run from its
+    latest checkpoint and the same ledger. ``dataset`` (an ``ImageDataset``) overrides ``cfg.data``.
+    """
+
+    def __init__(self, config: TrainConfig, dataset: Optional[ImageDataset] = None,
+                 denoiser: Optional[Denoiser] = None, resume: bool = False):
+        cfg = copy.deepcopy(config)
+        self.config = cfg
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
+        if cfg.max_train_examples and cfg.max_train_examples < len(self.dataset):
+            self.dataset = self.dataset.subset(cfg.max_train_examples, seed=cfg.seed)
+        n = len(self.dataset)
+        if n == 0:
+            raise ValueError("empty training set")
+        self.sample_rate = min(1.0, cfg.batch_size / n)
+        if cfg.steps is None and cfg.epochs is None:
+            raise ValueError("give epochs or steps")
+        self.total_steps = int(cfg.steps) if cfg.steps is not None else max(
+            1, int(round(cfg.epochs / self.sample_rate)))
+        ledger_path = os.path.join(cfg.output_dir, "ledger.json")
+        self.ledger_path = ledger_path
+        self.fingerprint = self.dataset.fingerprint()
+
+        if resume:
+            if not os.path.exists(ledger_path):
+                raise LedgerError(f"cannot resume: no ledger at {ledger_path}")
+            self.ledger = PrivacyLedger.load(ledger_path)
+            self.ledger.check_matches(dataset_fingerprint=self.fingerprint,
+                                      accountant=cfg.accountant, delta=cfg.delta,
+                                      max_grad_norm=cfg.max_grad_norm,
+                                      noise_multiplicity=cfg.noise_multiplicity)
+            if cfg.noise_multiplier is None:
+                raise LedgerError("resumed config lacks its noise multiplier")
+        else:
+            if os.path.exists(ledger_path):
+                raise LedgerError(
+                    f"{ledger_path} exists: resume that run (--resume / DPDMTrainer.resume) or "
+                    "choose a new output folder; a privacy ledger is never overwritten")
+            if cfg.noise_multiplier is None:
+                cfg.noise_multiplier = noise_multiplier_for(
+                    cfg.epsilon, cfg.delta, self.sample_rate, self.total_steps, cfg.accountant)
+            self.ledger = PrivacyLedger(
+                accountant=cfg.accountant, delta=cfg.delta, epsilon_budget=cfg.epsilon,
+                max_grad_norm=cfg.max_grad_norm, noise_multiplicity=cfg.noise_multiplicity,
+                expected_batch_size=cfg.batch_size, dataset_size=n,
+                dataset_fingerprint=self.fingerprint, dataset_name=self.dataset.name,
+            )
+
+        torch.manual_seed(cfg.seed)
+        self.denoiser = denoiser if denoiser is not None else build_denoiser(
+            cfg, self.dataset.shape, self.dataset.num_classes)
+        self.ema = copy.deepcopy(self.denoiser).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # diffusion noise, label dropout
+        dp_seed = cfg.dp_seed if cfg.dp_seed is not None else secrets.randbits(62)
+        self.dp_gen = torch.Generator().manual_seed(dp_seed)  # Poisson sampling and DP noise
+        base_opt = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr)
+        self.step_count = 0  # optimiser steps contained in the current weights
+        if resume and self.ledger.checkpoint:
+            self._load_checkpoint(os.path.join(cfg.output_dir, self.ledger.checkpoint), base_opt)
+        self.engine = DPSGDEngine(
+            self.denoiser, base_opt, noise_multiplier=cfg.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm, expected_batch_size=self.sample_rate * n,
+            k=cfg.noise_multiplicity, max_physical_batch=cfg.max_physical_batch,
+            grad_sample_mode=cfg.grad_sample_mode, label_dropout=cfg.label_dropout,
+            pixel_reduction=cfg.pixel_reduction, noise_generator=self.dp_gen,
+        )
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        atomic_write_json(os.path.join(cfg.output_dir, "train_config.json"), cfg.to_dict())
+        self.ledger.notes.update({
+            "noise_multiplier": cfg.noise_multiplier, "sample_rate": self.sample_rate,
+            "planned_steps": self.total_steps, "parameters": count_parameters(self.denoiser),
+            "backbone": cfg.backbone, "precond": cfg.precond,
+        })
+        self.ledger.save(ledger_path)
+        self.last_loss = float("nan")
+
+    @classmethod
+    def resume(cls, output_dir: str, dataset: Optional[ImageDataset] = None, **overrides):
+        """Continue the run in ``output_dir`` (config from its train_config.json)."""
+        path = os.path.join(output_dir, "train_config.json")
+        if not os.path.exists(path):
+            raise LedgerError(f"cannot resume: no train_config.json in {output_dir}")
+        d = read_json(path)
+        d.update(overrides)
+        d["output_dir"] = output_dir
+        return cls(TrainConfig.from_dict(d), dataset=dataset, resume=True)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def epsilon_spent(self) -> float:
+        return self.ledger.epsilon_spent
+
+    def steps_left_in_budget(self) -> int:
+        return self.ledger.steps_left(self.config.noise_multiplier, self.sample_rate)
+
+    def _update_ema(self):
+        d = self.config.ema_decay
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.denoiser.parameters()):
+                pe.lerp_(p.detach(), 1.0 - d)
+
+    # -- one step ---------------------------------------------------------------------------
+    def train_step(self) -> float:
+        """One DP step. The ledger records the step (atomically) *before* noise is released."""
+        cfg = self.config
+        if self.steps_left_in_budget() < 1:
+            raise BudgetExceeded(
+                f"one more step would exceed epsilon {cfg.epsilon} (spent {self.epsilon_spent:.4f})")
+        update_eps = cfg.accountant == "rdp" or (self.step_count + 1) % cfg.log_every == 0
+        self.ledger.record_steps(cfg.noise_multiplier, self.sample_rate, 1, update_epsilon=update_eps)
+        self.ledger.save(self.ledger_path)
+        idx = poisson_sample(len(self.dataset), self.sample_rate, generator=self.dp_gen)
+        x0 = self.dataset.float_images(idx)
+        labels = self.dataset.labels[idx] if self.denoiser.num_classes > 0 else None
+        loss = self.engine.step(x0, labels, generator=self.gen)
+        self._update_ema()
+        self.step_count += 1
+        self.last_loss = loss
+        return loss
+
+    def train(self, progress: bool = True, max_steps: Optional[int] = None) -> PrivacyLedger:
+        """Train until the planned step count, ``max_steps`` more steps, or the budget; returns the ledger."""
+        cfg = self.config
+        todo = self.total_steps - self.step_count
+        if max_steps is not None:
+            todo = min(todo, max_steps)
+        allowed = self.steps_left_in_budget()
+        stopped_by_budget = allowed < todo
+        todo = max(0, min(todo, allowed))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step_count, desc="DP-SGD", unit="step")
+        loss_avg = None
+        for _ in range(todo):
+            loss = self.train_step()
+            if math.isfinite(loss):
+                loss_avg = loss if loss_avg is None else 0.9 * loss_avg + 0.1 * loss
+            if bar is not None:
+                bar.update(1)
+                if self.step_count % max(1, min(cfg.log_every, 10)) == 0 or self.step_count == 1:
+                    bar.set_postfix(loss=f"{loss_avg:.3f}" if loss_avg else "-",
+                                    eps=f"{self.epsilon_spent:.3f}")
+            if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        if self.ledger.checkpoint_step != self.step_count or not self.ledger.checkpoint:
+            self.save_checkpoint()
+        self.ledger.epsilon_spent = self.ledger.compute_epsilon()
+        self.ledger.notes["stopped_by_budget"] = bool(stopped_by_budget)
+        self.ledger.save(self.ledger_path)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_avg:.3f}" if loss_avg else "-", eps=f"{self.epsilon_spent:.3f}")
+            bar.close()
+        return self.ledger
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> str:
+        cfg = self.config
+        name = f"checkpoint-{self.step_count:07d}"
+        final = os.path.join(cfg.output_dir, name)
+        tmp = os.path.join(cfg.output_dir, f".tmp-{name}-{os.getpid()}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        save_denoiser(self.denoiser, tmp, "backbone")
+        self.ema.backbone.save_pretrained(os.path.join(tmp, "backbone_ema"), safe_serialization=True)
+        state = {
+            "step": self.step_count,
+            "optimizer": self.engine.optimizer.original_optimizer.state_dict(),
+            "gen_state": self.gen.get_state(),
+        }
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        self.ledger.epsilon_spent = self.ledger.compute_epsilon()
+        if cfg.sample_grid:
+            try:
+                labels = torch.arange(100) % max(1, self.denoiser.num_classes) \
+                    if self.denoiser.num_classes > 0 else None
+                imgs = sample_images(self.ema, labels=labels, num_samples=100,
+                                     num_steps=cfg.sample_steps, guidance=cfg.guidance,
+                                     generator=torch.Generator().manual_seed(1234))
+                save_image_grid(imgs, os.path.join(tmp, "samples.png"))
+            except Exception as e:  # a sample grid must never cost a checkpoint
+                self.ledger.notes["sample_grid_error"] = repr(e)
+        snap = copy.deepcopy(self.ledger)
+        snap.checkpoint, snap.checkpoint_step = name, self.step_count
+        snap.save(os.path.join(tmp, "ledger.json"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.ledger.checkpoint, self.ledger.checkpoint_step = name, self.step_count
+        self.ledger.save(self.ledger_path)
+        self._prune_checkpoints()
+        return final
+
+    def _prune_checkpoints(self):
+        keep = max(1, self.config.keep_checkpoints)
+        cks = sorted(d for d in os.listdir(self.config.output_dir) if d.startswith("checkpoint-"))
+        for d in cks[:-keep]:
+            if d != self.ledger.checkpoint:
+                shutil.rmtree(os.path.join(self.config.output_dir, d), ignore_errors=True)
+
+    def _load_checkpoint(self, folder: str, optimizer: torch.optim.Optimizer) -> None:
+        if not os.path.isdir(folder):
+            raise LedgerError(f"ledger points to missing checkpoint {folder}")
+        loaded = load_denoiser(folder, ema=False)
+        self.denoiser.load_state_dict(loaded.state_dict())
+        ema = load_denoiser(folder, ema=True)
+        self.ema.load_state_dict(ema.state_dict())
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["gen_state"])
+        self.step_count = int(state["step"])
+
+    # -- sampling ---------------------------------------------------------------------------
+    def sample(self, labels=None, num_samples: int = 16, method: str = "edm", num_steps: int = 18,
+               guidance: Optional[float] = None, use_ema: bool = True, generator=None):
+        den = self.ema if use_ema else self.denoiser
+        return sample_images(den, labels=labels, num_samples=num_samples, method=method,
+                             num_steps=num_steps,
+                             guidance=self.config.guidance if guidance is None else guidance,
+                             generator=generator)
