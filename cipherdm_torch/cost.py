@@ -61,6 +61,8 @@ class Cost:
 
 _ACTIVE: List["CostMeter"] = []
 _LOCK = threading.Lock()
+# Functions called as hook(sent, received, rounds) on every communicator call (e.g. netsim).
+HOOKS: List = []
 
 
 class CostMeter:
@@ -181,6 +183,8 @@ def _log(comm, sent=0, received=0, blocking=False, opens_round=False):
         comm._cipherdm_round_open = True
     for meter in list(_ACTIVE):
         meter._record(sent, received, rounds)
+    for hook in HOOKS:
+        hook(sent, received, rounds)
 
 
 def _metered_class(base):

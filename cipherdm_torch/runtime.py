@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.multiprocessing as mp
 
-from . import cost
+from . import cost, netsim
 
 __all__ = ["Roles", "PartyInfo", "PartyError", "PartyPool", "launch", "party", "under_torchrun"]
 
@@ -99,6 +99,7 @@ def init_party(rank: int, world_size: int, rendezvous: str, roles: Roles = Roles
         setattr(crypten.cfg, key, value)
     crypten.init()
     cost.install()
+    netsim.from_env()
     _PARTY = PartyInfo(rank, world_size, roles)
     return _PARTY
 
