@@ -1,0 +1,125 @@
+"""Run CrypTen's ``MPCTensor`` on the dealer-free replicated protocols (3 parties).
+
+How it hooks in (no CrypTen code copied, nothing in CrypTen edited):
+
+* CrypTen's ``ArithmeticSharedTensor`` looks its bilinear protocol up by the name
+  in ``crypten.cfg.mpc.protocol`` among its module globals (``"beaver"``,
+  ``"replicated"``). :func:`install` registers :mod:`.rss_arith` there under the
+  name ``"rss"``; with ``cfg.mpc.protocol == "rss"`` every ``x * y``, ``x @ y``,
+  ``conv*``, ``square`` and fixed-point truncation runs on replicated shares.
+* ``MPCTensor._ltz`` (behind ``<``, ``>``, ``>=``, ``<=``, ``==``, ``sign``,
+  ``abs``, ``max``, ``argmax``, ``where``-style selections) and ``MPCTensor.relu``
+  are wrapped: when ``"rss"`` is selected they dispatch to :mod:`.rss_compare`,
+  otherwise to CrypTen's originals.
+* ``ArithmeticSharedTensor.clone`` and its add / sub are wrapped to carry the
+  cached replica share along (otherwise the next multiplication pays a re-share).
+
+CrypTen's own protocols stay the default and the baseline: the patches only act
+when ``cfg.mpc.protocol == "rss"``. Select the backend with::
+
+    from cipherdm_torch.protocols import rss_backend
+    with rss_backend.replicated_backend():     # or rss_backend.enable() / disable()
+        y = (x * w).relu()                     # no Beaver triple, no dealer
+
+or ``crypten.cfg.mpc.protocol = "rss"`` after :func:`install`. It must be done in
+every party (it is per process, like any CrypTen setting).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import cipherdm_torch  # noqa: F401
+import crypten
+from crypten.config import cfg
+from crypten.mpc import MPCTensor
+from crypten.mpc.primitives import arithmetic as _arith_mod
+from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+from crypten.common.tensor_types import is_tensor
+
+from . import rss_arith, rss_compare
+
+__all__ = ["NAME", "install", "is_active", "enable", "disable", "replicated_backend"]
+
+NAME = "rss"
+_ORIG: dict = {}
+
+
+def is_active() -> bool:
+    """True when ``crypten.cfg.mpc.protocol`` selects this backend."""
+    return cfg.mpc.protocol == NAME
+
+
+def _ltz(self):
+    if is_active() and self.ptype == crypten.mpc.arithmetic:
+        return rss_compare.ltz(self)
+    return _ORIG["_ltz"](self)
+
+
+def _relu(self):
+    if is_active() and self.ptype == crypten.mpc.arithmetic:
+        return rss_compare.relu(self)
+    return _ORIG["relu"](self)
+
+
+def _clone(self):
+    result = _ORIG["clone"](self)
+    nxt = rss_arith.cached_next(self.share)
+    if nxt is not None:
+        rss_arith.remember(result.share, nxt)
+    return result
+
+
+def _arithmetic_function(self, y, op, inplace=False, *args, **kwargs):
+    """CrypTen's add / sub / mul..., plus the replica of the result for add / sub."""
+    if not is_active() or op not in ("add", "sub"):
+        return _ORIG["_arithmetic_function"](self, y, op, inplace, *args, **kwargs)
+    xn = rss_arith.cached_next(self.share)
+    rep = None
+    if xn is not None:
+        if isinstance(y, ArithmeticSharedTensor):
+            yn = rss_arith.cached_next(y.share)
+            if yn is not None and y.encoder.scale == self.encoder.scale:
+                rep = getattr(xn, op)(yn)
+        elif isinstance(y, (int, float)) or is_tensor(y):
+            enc = self.encoder.encode(y, device=self.device)
+            rep = getattr(xn, op)(enc) if self.rank == 2 else xn + 0 * enc
+    result = _ORIG["_arithmetic_function"](self, y, op, inplace, *args, **kwargs)
+    if rep is not None and rep.shape == result.share.shape:
+        rss_arith.remember(result.share, rep)
+    return result
+
+
+def install() -> None:
+    """Register the ``"rss"`` protocol and the dispatching wrappers (idempotent)."""
+    if _ORIG:
+        return
+    setattr(_arith_mod, NAME, rss_arith)  # found by ArithmeticSharedTensor via globals()
+    _ORIG["_ltz"] = MPCTensor._ltz
+    _ORIG["relu"] = MPCTensor.relu
+    _ORIG["clone"] = ArithmeticSharedTensor.clone
+    _ORIG["_arithmetic_function"] = ArithmeticSharedTensor._arithmetic_function
+    MPCTensor._ltz = _ltz
+    MPCTensor.relu = _relu
+    ArithmeticSharedTensor.clone = _clone
+    ArithmeticSharedTensor._arithmetic_function = _arithmetic_function
+
+
+def enable() -> None:
+    """Select the replicated backend for this process (all later MPCTensor ops)."""
+    install()
+    cfg.mpc.protocol = NAME
+
+
+def disable(protocol: str = "beaver") -> None:
+    """Go back to one of CrypTen's own protocols."""
+    cfg.mpc.protocol = protocol
+
+
+@contextmanager
+def replicated_backend() -> Iterator[None]:
+    """Use the replicated backend inside the block, then restore the previous protocol."""
+    install()
+    with cfg.temp_override({"mpc.protocol": NAME}):
+        yield

@@ -1,0 +1,251 @@
+"""Replicated three-party binary (XOR) sharing: AND, arithmetic-to-binary, bit-to-arithmetic.
+
+A binary secret ``x = x_0 ^ x_1 ^ x_2``; party ``i`` holds the pair ``(x_i, x_{i+1})``
+(a :data:`Pair`). Values are either 64-bit words (``torch.long``) or tensors of
+single bits (``torch.uint8`` holding 0/1, last dimension usually the bit
+position); bit tensors are packed eight to a byte on the wire, so a bit costs
+one bit of traffic.
+
+* XOR, shifts and masking with public constants are local.
+* AND (:func:`and_many`) uses the replicated product
+  ``z_i = x_i & (y_i ^ y_{i+1}) ^ x_{i+1} & y_i`` re-randomised by a pseudo-random
+  XOR-sharing of zero from CrypTen's pairwise PRG seeds, then one re-share
+  (each party sends its ``z_i`` to the previous party): one element per party,
+  one round, any number of ANDs batched into the same round. No dealer.
+* :func:`a2b` converts a replicated arithmetic sharing: the three additive shares
+  are trivially binary-shared, a carry-save adder (one AND round) reduces them
+  to two words and a Kogge-Stone parallel-prefix adder (6 rounds) adds them.
+* :func:`msb` only needs the carry into bit 63: a binary tree over the bits
+  (6 rounds of bit-packed ANDs) instead of the full adder, about 24 bytes per
+  element in total.
+* :func:`b2a_bit` (bit injection): P0 knows ``b_0 ^ b_1`` and inputs it as a
+  replicated arithmetic value (P0 sends one element to P1), then
+  ``b = c + b_2 - 2 c b_2`` with a local re-randomised product: one round, only
+  P0 sends; the output is a 3-out-of-3 additive share (CrypTen's layout).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from . import rss_arith as ra
+
+__all__ = ["Pair", "bits_of", "xor", "xor_public", "and_many", "and_", "from_arith",
+           "csa", "a2b", "msb", "b2a_bit", "b2a", "reveal_binary", "pack_bits", "unpack_bits"]
+
+Pair = Tuple[torch.Tensor, torch.Tensor]
+_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------- packing
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 uint8 tensor -> flat uint8 tensor with 8 bits per byte."""
+    flat = bits.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _WEIGHTS).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`."""
+    n = 1
+    for s in shape:
+        n *= s
+    bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[:n].reshape(shape)
+
+
+def bits_of(word: torch.Tensor, lo: int = 0, hi: int = 64) -> torch.Tensor:
+    """Bits ``lo..hi-1`` of int64 words as a uint8 tensor with a trailing bit dimension."""
+    shifts = torch.arange(lo, hi, dtype=torch.long, device=word.device)
+    return ((word.unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- local operations
+
+def xor(x: Pair, y: Pair) -> Pair:
+    return x[0] ^ y[0], x[1] ^ y[1]
+
+
+def xor_public(x: Pair, c) -> Pair:
+    """XOR a public constant into share index 0 (held by P0 first, by P2 second)."""
+    rank, _ = ra._rank_ws()
+    a, b = x
+    if rank == 0:
+        a = a ^ c
+    elif rank == 2:
+        b = b ^ c
+    return a, b
+
+
+def _bit_zero_share(shape, device=None) -> torch.Tensor:
+    def draw(which):
+        return torch.randint(0, 2, tuple(shape), generator=ra._gen(which, device),
+                             dtype=torch.uint8, device=device)
+    return draw("next") ^ draw("prev")
+
+
+def _zero_share(like: torch.Tensor) -> torch.Tensor:
+    if like.dtype == torch.uint8:
+        return _bit_zero_share(like.shape, like.device)
+    return ra.rand_ring(like.shape, "next", like.device) ^ ra.rand_ring(like.shape, "prev",
+                                                                      like.device)
+
+
+# ---------------------------------------------------------------- AND
+
+def and_many(pairs: Sequence[Tuple[Pair, Pair]]) -> List[Pair]:
+    """AND of several (x, y) pairs of binary sharings in a single round."""
+    rank, ws = ra._rank_ws()
+    zs = []
+    for (xa, xb), (ya, yb) in pairs:
+        z = (xa & (ya ^ yb)) ^ (xb & ya)
+        zs.append(z ^ _zero_share(z))
+    words = [k for k, z in enumerate(zs) if z.dtype != torch.uint8]
+    bits = [k for k, z in enumerate(zs) if z.dtype == torch.uint8]
+    sends, recvs = [], []
+    if words:
+        flat = torch.cat([zs[k].reshape(-1) for k in words])
+        wbuf = torch.empty_like(flat)
+        sends.append((flat, (rank - 1) % ws))
+        recvs.append((wbuf, (rank + 1) % ws))
+    if bits:
+        packed = pack_bits(torch.cat([zs[k].reshape(-1) for k in bits]))
+        bbuf = torch.empty_like(packed)
+        sends.append((packed, (rank - 1) % ws))
+        recvs.append((bbuf, (rank + 1) % ws))
+    ra.exchange(sends, recvs)
+    out: List[Pair] = [None] * len(zs)  # type: ignore[list-item]
+    if words:
+        got, pos = recvs[0][0], 0
+        for k in words:
+            n = zs[k].numel()
+            out[k] = (zs[k], got[pos:pos + n].view(zs[k].shape))
+            pos += n
+    if bits:
+        total = sum(zs[k].numel() for k in bits)
+        got, pos = unpack_bits(recvs[-1][0], (total,)), 0
+        for k in bits:
+            n = zs[k].numel()
+            out[k] = (zs[k], got[pos:pos + n].view(zs[k].shape))
+            pos += n
+    return out
+
+
+def and_(x: Pair, y: Pair) -> Pair:
+    return and_many([(x, y)])[0]
+
+
+# ---------------------------------------------------------------- arithmetic -> binary
+
+def from_arith(x: torch.Tensor, x_next: torch.Tensor) -> List[Pair]:
+    """Binary sharings of the three additive shares (x_0, x_1, x_2), locally."""
+    rank, _ = ra._rank_ws()
+    zero = torch.zeros_like(x)
+    out = []
+    for j in range(3):
+        first = x if j == rank else zero
+        second = x_next if j == (rank + 1) % 3 else zero
+        out.append((first, second))
+    return out
+
+
+def csa(u: Pair, v: Pair, w: Pair) -> Tuple[Pair, Pair]:
+    """Carry-save adder: u + v + w = s + 2c (bitwise), one AND round."""
+    s = xor(xor(u, v), w)
+    maj = xor(and_(xor(u, w), xor(v, w)), w)
+    return s, maj
+
+
+def _shl(x: Pair, k: int) -> Pair:
+    return x[0] << k, x[1] << k
+
+
+def a2b(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
+    """Binary sharing of the replicated arithmetic value (x_i, x_{i+1}): 8 AND rounds."""
+    s, c = csa(*from_arith(x, x_next))
+    c = _shl(c, 1)
+    g = and_(s, c)
+    p = xor(s, c)
+    k = 1
+    while k < 64:
+        last = k * 2 >= 64
+        gs, ps = _shl(g, k), _shl(p, k)
+        if last:
+            (pg,) = and_many([(p, gs)])
+        else:
+            pg, p = and_many([(p, gs), (p, ps)])
+        g = xor(g, pg)
+        k *= 2
+    return xor(xor(s, c), _shl(g, 1))
+
+
+def msb(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
+    """Binary sharing (0/1 uint8) of the sign bit of the replicated arithmetic value."""
+    s, c = csa(*from_arith(x, x_next))
+    c = _shl(c, 1)
+    g = and_(s, c)
+    p = xor(s, c)
+    # generate / propagate bits 0..62, with a (0, 0) pad below bit 0 so the width is 64
+    G = tuple(torch.cat([torch.zeros_like(bits_of(t, 0, 1)), bits_of(t, 0, 63)], -1) for t in g)
+    P = tuple(torch.cat([torch.zeros_like(bits_of(t, 0, 1)), bits_of(t, 0, 63)], -1) for t in p)
+    while G[0].shape[-1] > 1:
+        g_lo, g_hi = (t[..., 0::2] for t in G), (t[..., 1::2] for t in G)
+        p_lo, p_hi = (t[..., 0::2] for t in P), (t[..., 1::2] for t in P)
+        g_lo, g_hi, p_lo, p_hi = tuple(g_lo), tuple(g_hi), tuple(p_lo), tuple(p_hi)
+        if G[0].shape[-1] == 2:
+            (pg,) = and_many([(p_hi, g_lo)])
+        else:
+            pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)])
+        G = xor(g_hi, pg)
+    carry = (G[0][..., 0], G[1][..., 0])
+    top = tuple(((s[k] ^ c[k]) >> 63).to(torch.uint8) & 1 for k in range(2))
+    return xor(top, carry)
+
+
+# ---------------------------------------------------------------- binary -> arithmetic
+
+def b2a_bit(b: Pair) -> torch.Tensor:
+    """Additive arithmetic share (int64, integer scale) of a replicated 0/1 bit."""
+    rank, _ = ra._rank_ws()
+    b0, b1 = (t.to(torch.long) & 1 for t in b)
+    shape, dev = b0.shape, b0.device
+    zero = torch.zeros_like(b0)
+    if rank == 0:
+        c = b0 ^ b1
+        rho = ra.rand_ring(shape, "prev", dev)
+        ra.exchange([(c - rho, 1)], [])
+        cp, b2p = (rho, c - rho), (zero, zero)
+    elif rank == 1:
+        got = torch.empty(shape, dtype=torch.long, device=dev)
+        ra.exchange([], [(got, 0)])
+        cp, b2p = (got, zero), (zero, b1)
+    else:
+        rho = ra.rand_ring(shape, "next", dev)
+        cp, b2p = (zero, rho), (b0, zero)
+    z = ra.local_product(torch.mul, cp[0], cp[1], b2p[0], b2p[1])
+    return cp[0] + b2p[0] - 2 * z
+
+
+def b2a(x: Pair, bits: int = 64) -> torch.Tensor:
+    """Additive arithmetic share of a binary word, bit by bit (one round, P0 sends)."""
+    planes = tuple(bits_of(t, 0, bits) for t in x)
+    arith = b2a_bit(planes)
+    weights = (1 << torch.arange(bits, dtype=torch.long, device=arith.device))
+    return (arith * weights).sum(-1)
+
+
+def reveal_binary(x: Pair) -> torch.Tensor:
+    """Open a binary sharing to everyone (test helper): x_0 ^ x_1 ^ x_2."""
+    import crypten.communicator as comm
+
+    rank, ws = ra._rank_ws()
+    other = torch.empty_like(x[0])
+    ra.exchange([(x[0], (rank + 1) % ws)], [(other, (rank - 1) % ws)])
+    # party i now holds x_i, x_{i+1} and x_{i-1}
+    del comm
+    return x[0] ^ x[1] ^ other

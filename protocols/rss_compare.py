@@ -1,0 +1,105 @@
+"""Comparisons on replicated shares: sign bit, x < c, ReLU, selection, max along a dimension.
+
+All functions take and return CrypTen ``MPCTensor`` objects (arithmetic ptype) and
+run on the dealer-free replicated protocols of :mod:`.rss_arith` / :mod:`.rss_binary`
+whatever ``crypten.cfg.mpc.protocol`` says, so they can also be called directly.
+
+Range: the sign bit is exact for every encoded value, i.e. for reals in
+``[-2^47, 2^47)`` with CrypTen's 16 fractional bits (``x < c`` and ``max`` compute a
+difference, which must stay in that range). Cost per element of ``ltz``
+(bytes sent by P0): re-share of x if not cached 8 + carry-save AND 8 + generate AND 8
++ bit-packed carry tree about 16 + bit injection 8 (only P0); 9 rounds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import cipherdm_torch  # noqa: F401
+import crypten
+from crypten.encoder import FixedPointEncoder
+from crypten.mpc import MPCTensor
+
+from . import rss_arith as ra
+from . import rss_binary as rb
+
+__all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_share"]
+
+
+def ltz_share(x: torch.Tensor) -> torch.Tensor:
+    """Additive share (integer scale) of [x < 0] for this party's share ``x``."""
+    return rb.b2a_bit(rb.msb(x, ra.replicate(x)))
+
+
+def _bit_tensor(share: torch.Tensor) -> MPCTensor:
+    out = MPCTensor.from_shares(share, precision=0)
+    return out
+
+
+def ltz(x: MPCTensor) -> MPCTensor:
+    """[x < 0] as an arithmetic sharing with encoder scale 1 (like CrypTen's ``_ltz``)."""
+    return _bit_tensor(ltz_share(x.share))
+
+
+def lt(x: MPCTensor, c) -> MPCTensor:
+    """[x < c] for a public or secret ``c``."""
+    return ltz(x - c)
+
+
+def ge(x: MPCTensor, c) -> MPCTensor:
+    """[x >= c]."""
+    return 1 - lt(x, c)
+
+
+def _one_minus(bit: torch.Tensor) -> torch.Tensor:
+    return (1 - bit) if ra._rank_ws()[0] == 0 else -bit
+
+
+def mul_bit_share(x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
+    """Additive share of x * b for a 0/1 sharing b of integer scale (one re-share, no truncation)."""
+    xn, bn = ra.replicate_many([x, bit])
+    return ra.local_product(torch.mul, x, xn, bit, bn)
+
+
+def relu(x: MPCTensor) -> MPCTensor:
+    """max(x, 0) = x * (1 - [x < 0])."""
+    neg = ltz_share(x.share)
+    out = x.shallow_copy()
+    out._tensor = x._tensor.shallow_copy()
+    out.share = mul_bit_share(x.share, _one_minus(neg))
+    return out
+
+
+def select(bit: MPCTensor, x, y) -> MPCTensor:
+    """bit ? x : y for a secret 0/1 ``bit`` (scale 1) and secret or public x, y: y + b (x - y)."""
+    diff = x - y
+    if not isinstance(diff, MPCTensor):  # public difference: local scaling of the bit
+        enc = FixedPointEncoder().encode(torch.as_tensor(diff, dtype=torch.float))
+        return MPCTensor.from_shares(bit.share * enc) + y
+    out = diff.shallow_copy()
+    out._tensor = diff._tensor.shallow_copy()
+    b = bit.share
+    if b.shape != diff.share.shape:
+        shape = torch.broadcast_shapes(b.shape, diff.share.shape)
+        b, d = b.expand(shape).contiguous(), diff.share.expand(shape).contiguous()
+    else:
+        d = diff.share
+    out.share = mul_bit_share(d, b)
+    return out + y
+
+
+def max(x: MPCTensor, dim: int = -1, keepdim: bool = False) -> MPCTensor:
+    """Maximum along ``dim`` by a tournament tree: ceil(log2 n) rounds of compare + select."""
+    dim = dim % x.dim()
+    cur = x
+    while cur.size(dim) > 1:
+        n = cur.size(dim)
+        half = n // 2
+        a = cur.narrow(dim, 0, half)
+        b = cur.narrow(dim, half, half)
+        bit = ltz(a - b)  # a < b -> take b
+        best = select(bit, b, a)
+        if n % 2:
+            best = crypten.cat([best, cur.narrow(dim, n - 1, 1)], dim=dim)
+        cur = best
+    return cur if keepdim else cur.squeeze(dim)
