@@ -97,12 +97,14 @@ def public_clamp(x, r: float):
 def apply_step(step: AffineStep, sample, model_output, noise=None,
                clamp: Callable = public_clamp):
     """One scheduler step from public coefficients; ``noise`` is required iff ``noise_std > 0``."""
-    x0 = sample * step.x0_from_sample + model_output * step.x0_from_output
-    if step.clip is not None:
-        x0 = clamp(x0, step.clip)
-    prev = x0 * step.c_x0 + sample * step.c_sample
-    if step.c_output:
-        prev = prev + model_output * step.c_output
+    if step.clip is None:  # fold x0 into the step: two public products instead of four
+        prev = (sample * (step.c_x0 * step.x0_from_sample + step.c_sample)
+                + model_output * (step.c_x0 * step.x0_from_output + step.c_output))
+    else:
+        x0 = clamp(sample * step.x0_from_sample + model_output * step.x0_from_output, step.clip)
+        prev = x0 * step.c_x0 + sample * step.c_sample
+        if step.c_output:
+            prev = prev + model_output * step.c_output
     if step.noise_std > 0:
         if noise is None:
             raise ValueError(f"timestep {step.timestep} needs noise (std {step.noise_std:.3g})")

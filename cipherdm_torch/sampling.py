@@ -1,0 +1,162 @@
+"""Denoising loops that run unchanged on plaintext tensors and on secret shares.
+
+The UNet call is the only expensive part of a step; everything else is a
+public affine map (:mod:`cipherdm_torch.schedules` for diffusers' DDPM / DDIM,
+``cipherdm_torch.training.samplers`` coefficients for the EDM / Euler sampler
+of DPDM-trained denoisers). The loops below only use ``*``, ``+`` and ``relu``
+on the state, so feeding them CrypTen tensors gives the secure sampler and
+feeding them torch tensors gives its plaintext twin, which draws the same noise
+in the same order (:class:`Noise`) for a like-for-like fidelity check.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import cost
+from .schedules import affine_step, apply_step, public_clamp
+
+__all__ = ["Noise", "SharedNoise", "StepLog", "scheduler_loop", "edm_loop", "fidelity"]
+
+
+class Noise:
+    """The user's randomness, drawn in a fixed order from one seed (plaintext twin)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator)
+
+    def draw(self, shape, scale: float = 1.0):
+        return self._randn(shape) * scale
+
+
+class SharedNoise(Noise):
+    """The same draws, made by the user and secret-shared from the user's rank.
+
+    Other ranks never hold the values: they pass zeros of the right shape, which
+    CrypTen ignores except for their size (shares come from pseudo-random zero sharings).
+    """
+
+    def __init__(self, seed: Optional[int], user: int, rank: int):
+        self.user, self.is_user = user, rank == user
+        self.generator = torch.Generator().manual_seed(int(seed)) if self.is_user else None
+
+    def draw(self, shape, scale: float = 1.0):
+        import crypten
+
+        z = self._randn(shape) * scale if self.is_user else torch.zeros(tuple(shape))
+        return crypten.cryptensor(z, src=self.user)
+
+
+class StepLog:
+    """Per-step cost snapshots of an active CostMeter (bytes, rounds, seconds per step)."""
+
+    def __init__(self, meter: Optional[cost.CostMeter]):
+        self.meter, self.steps = meter, []
+        self._last = self._snapshot()
+
+    def _snapshot(self):
+        t = self.meter.total if self.meter else None
+        return (t.bytes_sent, t.bytes_received, t.rounds) if t else (0, 0, 0)
+
+    def __call__(self, index: int, label, seconds: float) -> dict:
+        now = self._snapshot()
+        entry = {"step": index, "t": label, "seconds": seconds,
+                 "bytes_sent": now[0] - self._last[0], "bytes_received": now[1] - self._last[1],
+                 "rounds": now[2] - self._last[2]}
+        self._last = now
+        self.steps.append(entry)
+        return entry
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def _run_steps(steps: Sequence, body: Callable, log: Optional[StepLog], progress: bool, desc: str):
+    import time
+
+    bar = _progress(len(steps), progress, desc)
+    sent = 0
+    try:
+        for i, s in enumerate(steps):
+            t0 = time.perf_counter()
+            with cost.region("step"):
+                body(i, s)
+            if log is not None:
+                entry = log(i, s, time.perf_counter() - t0)
+                sent += entry["bytes_sent"]
+                bar.set_postfix_str(f"sent {sent / 1e6:,.1f} MB")
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def scheduler_loop(denoise: Callable, scheduler, x, noise: Noise, eta: float = 0.0,
+                   clamp: Callable = public_clamp, log: Optional[StepLog] = None,
+                   progress: bool = False):
+    """diffusers-style loop: ``model_output = denoise(x, t)``, then the scheduler's affine step."""
+    state = {"x": x}
+
+    def body(i, t):
+        step = affine_step(scheduler, t, eta)
+        with cost.region("unet"):
+            m = denoise(state["x"], int(t))
+        with cost.region("update"):
+            z = noise.draw(m.shape if hasattr(m, "shape") else m.size()) if step.noise_std > 0 else None
+            state["x"] = apply_step(step, state["x"], m, z, clamp)
+
+    _run_steps([int(t) for t in scheduler.timesteps], body, log, progress, "sampling")
+    return state["x"]
+
+
+def edm_loop(denoise: Callable, sigmas: Sequence[float], x, noise: Noise, heun: bool = True,
+             s_churn: float = 0.0, s_min: float = 0.0, s_max: float = float("inf"),
+             s_noise: float = 1.0, log: Optional[StepLog] = None, progress: bool = False):
+    """EDM sampler (Heun or Euler, optional churn) for ``D = denoise(x, sigma)``; VE form."""
+    from cipherdm_torch.training.samplers import (churn, churn_gamma, euler_coefficients,
+                                                  heun_coefficients)
+
+    sig = [float(s) for s in sigmas]
+    n = len(sig) - 1
+    state = {"x": x}
+
+    def body(i, s):
+        s_next = sig[i + 1]
+        x = state["x"]
+        s_hat, std = churn(s, churn_gamma(s, n, s_churn, s_min, s_max), s_noise)
+        if std > 0:
+            x = x + noise.draw(_shape(x), std)
+        with cost.region("unet"):
+            d1 = denoise(x, s_hat)
+        a, b = euler_coefficients(s_hat, s_next)
+        x_e = x * a + d1 * b
+        if not heun or s_next == 0.0:
+            state["x"] = x_e
+            return
+        with cost.region("unet"):
+            d2 = denoise(x_e, s_next)
+        cx, c1, c2 = heun_coefficients(s_hat, s_next)
+        state["x"] = x * cx + d1 * c1 + d2 * c2
+
+    _run_steps(sig[:-1], body, log, progress, "sampling")
+    return state["x"]
+
+
+def _shape(x):
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(x.size())
+
+
+def fidelity(secure: torch.Tensor, plain: torch.Tensor, data_range: float = 2.0) -> dict:
+    """Max / mean absolute difference and PSNR (images in [-1, 1] by default)."""
+    diff = (secure.float() - plain.float()).abs()
+    mse = float((diff ** 2).mean())
+    psnr = float("inf") if mse == 0 else 10 * math.log10(data_range ** 2 / mse)
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "psnr_db": psnr}
