@@ -40,17 +40,16 @@ class Settings:
     layer_norm: str = "optimised"
     # activations: name of the coefficient set in coefficients.py ("<fn>" default)
     activation_fit: str = "default"
-    # exp(x), x <= 0: exp(x) = p(x / 2^s)^(2^s); p has degree exp_degree on [-clip/2^s, 0]
-    exp_squarings: int = 4
-    exp_degree: int = 4
-    exp_clip: float = 16.0  # inputs below -exp_clip give exactly 0 when exp_clip_compare
-    exp_clip_compare: bool = True  # one comparison per element; off: bounded only to ~-2^s*3
+    # exp(x), x <= 0: exp(x) = b(x / 2^n)^(2^n), b(z) = 1 + z + z^2/2, n = exp_squarings
+    exp_squarings: int = 6
+    exp_clip: float = 32.0  # inputs below -exp_clip give exactly 0 when exp_clip_compare
+    exp_clip_compare: bool = True  # one comparison per element; off: correct only down to -2^(n+1)
     # reciprocal / rsqrt: magnitude guess from comparisons with 2^j, j in [lo, hi], then Newton
     magnitude_lo: int = -16
     magnitude_hi: int = 24
     reciprocal_iters: int = 2
     rsqrt_iters: int = 2
-    # softmax: row-sum range used for its reciprocal guess (sum is in [1, row length])
+    # softmax row max: "tree" (pairwise, n - 1 comparisons per row) or CrypTen's max
     softmax_max_method: str = "tree"  # "tree" (pairwise, n-1 comparisons) or "crypten"
 
     def replace(self, **changes) -> "Settings":
