@@ -1,5 +1,6 @@
 """Each party as its own torchrun launch (one node per party), as across three hosts."""
 
+import json
 import os
 import socket
 import subprocess
@@ -40,7 +41,7 @@ def test_parties_as_separate_torchrun_launches(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in range(3)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
-    squares = eval((tmp_path / "node1.txt").read_text())  # the user (rank 1)
+    squares = json.loads((tmp_path / "node1.txt").read_text())  # the user (rank 1)
     assert max(abs(a - b) for a, b in zip(squares, [0.0, 1.0, 4.0, 9.0])) < 1e-3
     assert (tmp_path / "node0.txt").read_text() == "no result"
     assert (tmp_path / "node2.txt").read_text() == "no result"
