@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "demo": ("cipherdm_torch.demo", "three-party demo: share a tensor, compute, reveal, show costs"),
     "train": ("cipherdm_torch.training.cli", "train a diffusion model with DP-SGD (DPDM)"),
+    "eval": ("cipherdm_torch.training.eval_cli", "evaluate a trained model: downstream accuracy, FID"),
 }
 
 

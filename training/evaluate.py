@@ -1,0 +1,202 @@
+"""Evaluation of a generator: DPDM's downstream accuracies and FID against the training set.
+
+``evaluate(generated, data)`` takes synthetic images + labels (an ``ImageDataset``) and returns a
+JSON-ready report:
+
+* ``accuracy``: Log Reg, MLP and small-CNN test accuracy on the real test split after training on
+  the synthetic pairs (``classifiers``);
+* ``fid_classifier``: FID in the feature space of the project's MNIST classifier (``feature_net``),
+  always computed;
+* ``fid_inception``: FID with the FID-standard InceptionV3 (``inception``), when its weights are
+  installed and either a GPU is present or it is asked for (about a second per image on a CPU).
+
+Both FIDs use the *training* split's statistics as reference (DPDM's protocol), cached on disk.
+Generated images come from ``sample_checkpoint`` (the trainer's plaintext sampler) or
+``load_generated`` (a .pt / .npz file or a folder).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from .data import ImageDataset, load_dataset
+
+__all__ = ["evaluate", "load_generated", "sample_checkpoint", "to_uint8", "grid_by_class",
+           "find_ledger"]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (float) or uint8 -> uint8, as a PNG would store them."""
+    if x.dtype == torch.uint8:
+        return x
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------- inputs
+def load_generated(path: str, num_classes: Optional[int] = None) -> ImageDataset:
+    """Generated (images, labels) from a ``.pt``/``.pth`` (dict with ``images``, ``labels``),
+    a ``.npz`` (same keys) or a folder (IDX files or class sub-folders, see ``data.load_dataset``).
+
+    Images may be uint8 in [0, 255] or float in [-1, 1]; (N, H, W) is read as one channel.
+    """
+    if os.path.isdir(path):
+        for name in ("samples.pt", "samples.npz"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_generated(os.path.join(path, name), num_classes)
+        ds = load_dataset(path, "train")
+    else:
+        if path.endswith(".npz"):
+            with np.load(path) as z:
+                obj = {k: torch.from_numpy(z[k]) for k in z.files}
+        elif path.endswith((".pt", ".pth")):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"{path}: expected a .pt, .npz or a folder")
+        if not isinstance(obj, dict) or "images" not in obj or "labels" not in obj:
+            raise ValueError(f"{path}: needs 'images' and 'labels' entries")
+        images = torch.as_tensor(obj["images"])
+        if images.dtype != torch.uint8:
+            if images.float().min() < -1.01 or images.float().max() > 1.01:
+                raise ValueError(f"{path}: float images must lie in [-1, 1]")
+            images = to_uint8(images)
+        labels = torch.as_tensor(obj["labels"]).long()
+        ds = ImageDataset(images, labels, int(labels.max()) + 1, os.path.basename(path))
+    if num_classes is not None:
+        ds.num_classes = num_classes
+    return ds
+
+
+def find_ledger(folder: str) -> Optional[dict]:
+    """The privacy ledger (as a dict) of a checkpoint folder or its run folder, if any."""
+    from .ledger import read_json
+
+    for d in (folder, os.path.dirname(os.path.abspath(folder))):
+        p = os.path.join(d, "ledger.json")
+        if os.path.isfile(p):
+            return read_json(p)
+    return None
+
+
+def sample_checkpoint(folder: str, per_class: int = 100, method: str = "edm", num_steps: int = 18,
+                      guidance: float = 1.0, batch_size: int = 250, seed: int = 0,
+                      ema: bool = True, progress: bool = True, **sampler_kw) -> ImageDataset:
+    """``per_class`` images of every class from a checkpoint (or run) folder, plaintext sampling."""
+    from .trainer import latest_checkpoint, load_denoiser
+
+    if not os.path.isfile(os.path.join(folder, "denoiser.json")) and os.path.isfile(os.path.join(folder, "ledger.json")):
+        ck = latest_checkpoint(folder)
+        if ck is None:
+            raise FileNotFoundError(f"{folder}: the run has no checkpoint yet")
+        folder = ck
+    den = load_denoiser(folder, ema=ema)
+    k = den.num_classes
+    if k <= 0:
+        raise ValueError(f"{folder}: an unconditional model has no labels for downstream classifiers")
+    labels = torch.arange(k).repeat_interleave(per_class)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    it = range(0, len(labels), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"sample ({method}, {num_steps} steps)", unit="batch")
+    for i in it:
+        from .samplers import sample
+
+        x = sample(den, labels[i:i + batch_size], method=method, num_steps=num_steps,
+                   guidance=guidance, generator=g, **sampler_kw)
+        out.append(to_uint8(x))
+    return ImageDataset(torch.cat(out), labels, k, os.path.basename(folder.rstrip("/")))
+
+
+def grid_by_class(ds: ImageDataset, per_class: int = 10) -> torch.Tensor:
+    """Up to ``per_class`` images of each class, one class per row, as [-1, 1] floats."""
+    rows = []
+    for c in range(ds.num_classes):
+        idx = (ds.labels == c).nonzero().flatten()[:per_class]
+        x = ds.float_images(idx)
+        if len(x) < per_class:
+            x = torch.cat([x, -torch.ones((per_class - len(x),) + tuple(x.shape[1:]))])
+        rows.append(x)
+    return torch.cat(rows)
+
+
+# ---------------------------------------------------------------------------- report
+def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable[str] = ("logreg", "mlp", "cnn"),
+             epochs: int = 5, fid_classifier: bool = True, inception: Optional[bool] = None,
+             inception_max: Optional[int] = None, inception_ref_max: Optional[int] = None,
+             device: Optional[str] = None, seed: int = 0, progress: bool = True,
+             train_set: Optional[ImageDataset] = None, test_set: Optional[ImageDataset] = None) -> dict:
+    """Downstream accuracies and FIDs of ``generated`` against the real data set ``data``.
+
+    ``inception``: True forces FID-Inception, False skips it, None runs it when installed and a GPU
+    is present. ``inception_max`` / ``inception_ref_max`` cap the generated / reference images
+    it uses (fixed-seed subsets, stated in the report).
+    """
+    t_all = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train = train_set if train_set is not None else load_dataset(data, "train")
+    test = test_set if test_set is not None else load_dataset(data, "test")
+    if tuple(generated.shape) != tuple(train.shape):
+        raise ValueError(f"generated images have shape {generated.shape}, {data} has {train.shape}")
+    counts = torch.bincount(generated.labels, minlength=train.num_classes)
+    report = {
+        "data": data,
+        "num_samples": len(generated),
+        "per_class": counts.tolist(),
+        "device": device,
+        "seconds": {},
+    }
+    classifiers = list(classifiers)
+    if classifiers:
+        t0 = time.perf_counter()
+        from .classifiers import downstream_accuracies
+
+        downstream = downstream_accuracies(generated.images, generated.labels, test, kinds=classifiers,
+                                           epochs=epochs, seed=seed, device=device, progress=progress)
+        acc = {k: v["accuracy"] for k, v in downstream.items()}
+        report["accuracy"] = acc
+        report["classifier_epochs"] = epochs
+        report["seconds"]["classifiers"] = round(time.perf_counter() - t0, 1)
+
+    from .fid import feature_stats, fid_from_features, reference_stats
+
+    if fid_classifier:
+        from .feature_net import load_feature_net
+
+        t0 = time.perf_counter()
+        net = load_feature_net(train, progress=progress).to(device)
+        dev_fn = lambda x: net(x.to(device))  # noqa: E731
+        ref = reference_stats(dev_fn, net.extractor_id, train, progress=progress)
+        gen = feature_stats(dev_fn, generated.images, progress="classifier features" if progress else None)
+        report["fid_classifier"] = fid_from_features(gen, ref)
+        report["fid_classifier_net"] = {"id": net.extractor_id,
+                                        "test_accuracy": net.meta.get("test_accuracy")}
+        report["seconds"]["fid_classifier"] = round(time.perf_counter() - t0, 1)
+
+    from .inception import InceptionFeatures, inception_available
+
+    run_inc = inception if inception is not None else (inception_available() and device != "cpu")
+    if run_inc:
+        t0 = time.perf_counter()
+        inc = InceptionFeatures().to(device)
+        dev_fn = lambda x: inc(x.to(device))  # noqa: E731
+        ref_ds = train if not inception_ref_max or inception_ref_max >= len(train) else train.subset(inception_ref_max, seed)
+        gen_ds = generated if not inception_max or inception_max >= len(generated) else generated.subset(inception_max, seed)
+        bs = 64 if device != "cpu" else 16
+        ref = reference_stats(dev_fn, InceptionFeatures.extractor_id, ref_ds, batch_size=bs, progress=progress)
+        gen = feature_stats(dev_fn, gen_ds.images, batch_size=bs, progress="inception features" if progress else None)
+        report["fid_inception"] = fid_from_features(gen, ref)
+        report["fid_inception_images"] = {"generated": len(gen_ds), "reference": len(ref_ds)}
+        report["seconds"]["fid_inception"] = round(time.perf_counter() - t0, 1)
+    else:
+        report["fid_inception"] = None
+        report["fid_inception_note"] = (
+            "not installed: pip install 'cipherdm-torch[eval]'" if not inception_available()
+            else "skipped on CPU (about 1 s per image); pass --inception to force")
+    report["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
+    return report
