@@ -8,6 +8,7 @@ implementation) for cross-checks.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, List, Sequence, Tuple
 
 from opacus.accountants import create_accountant
@@ -53,7 +54,9 @@ def epsilon_spent(history: Iterable[Sequence], delta: float, accountant: str = "
         return 0.0
     acc = create_accountant(mechanism=_check(accountant))
     acc.history = [tuple(h) for h in hist]
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta=delta))
 
 
 def noise_multiplier_for(
@@ -67,16 +70,18 @@ def noise_multiplier_for(
     """Smallest noise multiplier (to ``epsilon_tolerance``) with epsilon(steps) <= target_epsilon."""
     if not (0 < sample_rate <= 1):
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=int(steps),
-            accountant=_check(accountant),
-            epsilon_tolerance=epsilon_tolerance,
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=int(steps),
+                accountant=_check(accountant),
+                epsilon_tolerance=epsilon_tolerance,
+            )
         )
-    )
 
 
 def max_steps_within_budget(

@@ -17,6 +17,7 @@ K*C), which breaks the accounting; the K-collapse before clipping is what makes 
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -122,7 +123,10 @@ class DPSGDEngine:
             pixel_reduction=self.pixel_reduction,
             rows=rows,
         )
-        loss.sum().backward()
+        with warnings.catch_warnings():
+            # Inputs never require grad; Opacus' full backward hooks still fire on outputs.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.sum().backward()
         collapse_grad_samples(self.params, x0.shape[0], self.k)
         return loss.detach()
 

@@ -4,7 +4,8 @@ Examples::
 
     cipherdm eval runs/mnist --per-class 1000 --out runs/mnist/eval      # sample, then evaluate
     cipherdm eval samples.pt --out eval/                                  # images + labels file
-    cipherdm eval --real-test --out eval/real                             # sanity: real test set
+    cipherdm eval --real test --classifiers '' --out eval/real-test       # sanity: real test images
+    cipherdm eval --real train --max-samples 10000 --out eval/real-train  # sanity: downstream
 
 Writes ``report.json`` (accuracies of Log Reg / MLP / CNN, FID-classifier, FID-Inception when
 available, number of samples, times) and ``grid.png`` (10 images per class) into ``--out``.
@@ -27,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", default=None,
                    help="checkpoint or run folder (samples with the plaintext sampler), or a "
                         ".pt/.npz/folder of generated images + labels")
-    p.add_argument("--real-test", action="store_true",
-                   help="evaluate the real test split itself (sanity figures) instead of a source")
+    p.add_argument("--real", choices=["train", "test"], default=None,
+                   help="evaluate real images of this split instead of a source (sanity figures); "
+                        "'test' images compare fairly with the training-set FID statistics, "
+                        "'train' images are the fair input for the downstream classifiers")
     p.add_argument("--data", default="mnist", help="real data set: mnist | fashion-mnist | folder")
     p.add_argument("--out", default=None, help="output folder (default: <source>/eval or ./eval)")
     g = p.add_argument_group("sampling (checkpoint sources)")
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inception-ref-max", type=int, default=None,
                    help="cap training images for the FID-Inception reference statistics")
     p.add_argument("--max-samples", type=int, default=None,
-                   help="use a fixed-seed subset of this many images (file / real-test sources)")
+                   help="use a fixed-seed subset of this many images (sample-file / --real sources)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -71,16 +74,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (args.source is None) == (not args.real_test):
-        print("cipherdm eval: give a source (checkpoint / samples) or --real-test", file=sys.stderr)
+    if (args.source is None) == (args.real is None):
+        print("cipherdm eval: give a source (checkpoint / samples) or --real SPLIT", file=sys.stderr)
         return 2
     progress = not args.quiet
     t0 = time.perf_counter()
     source_info = {}
-    if args.real_test:
-        gen = load_dataset(args.data, "test")
-        source_info = {"kind": "real-test", "data": args.data}
-        out = args.out or os.path.join("eval", "real-test")
+    if args.real:
+        gen = load_dataset(args.data, args.real)
+        source_info = {"kind": f"real-{args.real}", "data": args.data}
+        if args.real == "test":
+            source_info["note"] = "classifiers trained on test images are scored on those same images"
+        out = args.out or os.path.join("eval", f"real-{args.real}")
     elif os.path.isdir(args.source) and (os.path.isfile(os.path.join(args.source, "denoiser.json"))
                                          or os.path.isfile(os.path.join(args.source, "ledger.json"))):
         kw = {"s_churn": args.s_churn} if args.method == "edm" and args.s_churn else {}

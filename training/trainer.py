@@ -171,10 +171,10 @@ def load_denoiser(folder: str, ema: bool = True) -> Denoiser:
     if not os.path.isdir(sub):
         sub = os.path.join(folder, "backbone")
     if meta["backbone"] == "own":
-        bb = DPUNet.from_pretrained(sub)
+        bb = DPUNet.from_pretrained(sub, low_cpu_mem_usage=False)
     else:
         from diffusers import UNet2DModel
-        bb = DiffusersBackbone(UNet2DModel.from_pretrained(sub), meta["num_classes"])
+        bb = DiffusersBackbone(UNet2DModel.from_pretrained(sub, low_cpu_mem_usage=False), meta["num_classes"])
     den = Denoiser(bb, make_precond(**meta["precond"]), meta["num_classes"])
     den.eval()
     return den
