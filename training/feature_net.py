@@ -89,6 +89,7 @@ def save_feature_net(net: FeatureNet, path: str) -> None:
     sd = {k: v.detach().cpu().contiguous() for k, v in net.cnn.state_dict().items()}
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata={"meta": json.dumps(net.meta, sort_keys=True)})
+    os.chmod(tmp, 0o644)  # package data: readable by every user
     os.replace(tmp, path)
 
 
