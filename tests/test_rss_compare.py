@@ -1,0 +1,150 @@
+"""Replicated binary sharing and comparisons, full ring range, in three real processes."""
+
+import torch
+
+import cipherdm_torch  # noqa: F401
+import crypten
+from crypten.encoder import FixedPointEncoder
+from crypten.mpc import MPCTensor
+from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+from cipherdm_torch.cost import CostMeter
+from cipherdm_torch.protocols import rss_arith as ra
+from cipherdm_torch.protocols import rss_backend, rss_compare
+from cipherdm_torch.protocols import rss_binary as rb
+
+
+def _share_ints(v):
+    """Additive sharing of raw ring elements ``v`` (bypasses the encoder)."""
+    z = ArithmeticSharedTensor.PRZS(v.size()).share
+    return z + v if crypten.communicator.get().get_rank() == 0 else z
+
+
+def _binary_body(words_a, words_b, ring):
+    out = {}
+    rank = crypten.communicator.get().get_rank()
+    # binary sharings of public-known test words via A2B of arithmetic sharings
+    xa = _share_ints(words_a)
+    xb = _share_ints(words_b)
+    ba = rb.a2b(xa, ra.replicate(xa))
+    bb = rb.a2b(xb, ra.replicate(xb))
+    out["a2b"] = rb.reveal_binary(ba)
+    with CostMeter() as m:
+        anded = rb.and_(ba, bb)
+    out["and"], out["and_cost"] = rb.reveal_binary(anded), m.total.as_dict()
+    out["xor"] = rb.reveal_binary(rb.xor(ba, bb))
+    out["b2a"] = crypten.communicator.get().all_reduce(rb.b2a(anded))
+    # sign bit over the whole ring
+    xr = _share_ints(ring)
+    with CostMeter() as m:
+        bit = rb.msb(xr, ra.replicate(xr))
+    out["msb_cost"] = m.total.as_dict()
+    out["msb"] = rb.reveal_binary(bit)
+    out["ltz_ring"] = crypten.communicator.get().all_reduce(rss_compare.ltz_share(xr))
+    with CostMeter() as m:
+        big = _share_ints(torch.arange(-8192, 8192, dtype=torch.long) << 40)
+        rb.a2b(big, ra.replicate(big))
+    out["a2b_cost"] = m.total.as_dict()
+    out["rank"] = rank
+    return out
+
+
+def test_binary_and_conversions_full_ring(parties):
+    g = torch.Generator().manual_seed(3)
+    lo, hi = -(2 ** 63), 2 ** 63 - 1
+    a = torch.randint(lo, hi, (300,), generator=g)
+    b = torch.randint(lo, hi, (300,), generator=g)
+    ring = torch.cat([torch.randint(lo, hi, (2000,), generator=g),
+                      torch.tensor([lo, lo + 1, -1, 0, 1, hi - 1, hi, -(2 ** 62), 2 ** 62])])
+    results = parties.run(_binary_body, a, b, ring)
+    for r in results:
+        assert torch.equal(r["a2b"], a)
+        assert torch.equal(r["and"], a & b)
+        assert torch.equal(r["xor"], a ^ b)
+        assert torch.equal(r["b2a"], a & b)
+        assert torch.equal(r["msb"].long(), (ring < 0).long())
+        assert torch.equal(r["ltz_ring"], (ring < 0).long())
+        assert r["and_cost"]["bytes_sent"] == 8 * 300 and r["and_cost"]["rounds"] == 1
+        # a2b: re-share + carry-save (1) + generate (1) + Kogge-Stone (6)
+        assert r["a2b_cost"]["rounds"] == 9, r["a2b_cost"]
+        # msb: re-share + carry-save + generate words (24 B) + bit-packed carry tree (~15.6 B)
+        per = r["msb_cost"]["bytes_sent"] / ring.numel()
+        assert per <= 40.5, per
+        assert r["msb_cost"]["rounds"] == 9
+
+
+def _compare_body(x, y, rows, cond, c):
+    out = {}
+    ex, ey = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=1)
+    er = crypten.cryptensor(rows, src=1)
+    ecb = MPCTensor.from_shares(_share_ints(cond), precision=0)
+    with rss_backend.replicated_backend():
+        out["ltz"] = rss_compare.ltz(ex).get_plain_text()
+        out["lt_const"] = rss_compare.lt(ex, c).get_plain_text()
+        out["ge"] = rss_compare.ge(ex, ey).get_plain_text()
+        # CrypTen API on the backend
+        out["api_lt"] = (ex < ey).get_plain_text()
+        out["api_gt"] = (ex > c).get_plain_text()
+        out["api_le"] = (ex <= ey).get_plain_text()
+        out["api_eq"] = (ex == ex).get_plain_text()
+        out["api_sign"] = ex.sign().get_plain_text()
+        # value outputs are compared as raw ring elements (exact: no truncation involved);
+        # CrypTen's float32 decoding is itself inexact for large negatives (-1e6 -> -1000015)
+        out["api_abs"] = ex.abs().reveal()
+        out["api_where"] = crypten.where(ex < ey, ex, ey).reveal()
+        out["api_max"] = er.max(dim=1)[0].reveal()
+        out["select"] = rss_compare.select(ecb, ex, ey).reveal()
+        out["select_pub"] = rss_compare.select(ecb, ex, y).reveal()
+        out["tree_max"] = rss_compare.max(er, dim=1).reveal()
+        out["tree_max0"] = rss_compare.max(er, dim=0, keepdim=True).reveal()
+        n = 4096
+        big = crypten.cryptensor(torch.linspace(-50, 50, n))
+        with CostMeter() as m:
+            rl = big.relu()
+        out["relu_cost"] = m.total.as_dict()
+        out["relu_big"] = rl.get_plain_text()
+        with CostMeter() as m:
+            cmp = big < 0.5
+        out["lt_cost"] = m.total.as_dict()
+        out["lt_big"] = cmp.get_plain_text()
+        out["relu"] = ex.relu().reveal()
+    return out
+
+
+def test_comparisons_relu_select_max(parties):
+    g = torch.Generator().manual_seed(4)
+    lim = float(2 ** 45)  # x - y reaches 2^46 (encoded 2^62), still inside the ring
+    x = torch.cat([torch.randn(60, generator=g) * 10, torch.tensor(
+        [0.0, -2 ** -16, 2 ** -16, -1e-3, 1e-3, lim, -lim, 1e6, -1e6, 2.0 ** 40, -(2.0 ** 40)])])
+    y = torch.cat([torch.randn(60, generator=g) * 10, torch.tensor(
+        [0.0, 0.0, 0.0, 1e-3, -1e-3, -lim, lim, 1e6, 1e6 + 1, 0.0, 0.0])])
+    rows = torch.randn(9, 13, generator=g) * 20
+    cond = (torch.rand(x.numel(), generator=g) < 0.5).long()
+    c = 0.75
+    results = parties.run(_compare_body, x, y, rows, cond, c)
+    big = torch.linspace(-50, 50, 4096)
+    enc = FixedPointEncoder()
+    ex, ey, er = enc.encode(x), enc.encode(y), enc.encode(rows)
+    for r in results:
+        assert torch.equal(r["ltz"], (x < 0).float())
+        assert torch.equal(r["lt_const"], (x < c).float())
+        assert torch.equal(r["ge"].float(), (x >= y).float())
+        assert torch.equal(r["api_lt"], (x < y).float())
+        assert torch.equal(r["api_gt"], (x > c).float())
+        assert torch.equal(r["api_le"], (x <= y).float())
+        assert torch.equal(r["api_eq"], torch.ones_like(x))
+        assert torch.equal(r["api_sign"], torch.where(x < 0, -1.0, 1.0))
+        assert torch.equal(r["api_abs"], ex.abs())
+        assert torch.equal(r["api_where"], torch.minimum(ex, ey))
+        assert torch.equal(r["api_max"], er.max(1)[0])
+        assert torch.equal(r["select"], torch.where(cond.bool(), ex, ey))
+        assert torch.equal(r["select_pub"], torch.where(cond.bool(), ex, ey))
+        assert torch.equal(r["tree_max"], er.max(1)[0])
+        assert torch.equal(r["tree_max0"], er.max(0, keepdim=True)[0])
+        assert torch.equal(r["relu"], ex.relu())
+        torch.testing.assert_close(r["relu_big"], big.relu(), atol=1e-4, rtol=0)
+        assert torch.equal(r["lt_big"], (big < 0.5).float())
+        relu_b = r["relu_cost"]["bytes_sent"] / 4096
+        lt_b = r["lt_cost"]["bytes_sent"] / 4096
+        assert relu_b <= 100 and lt_b <= 100, (relu_b, lt_b)
+        assert r["relu_cost"]["rounds"] <= 12 and r["lt_cost"]["rounds"] <= 11
