@@ -83,7 +83,14 @@ def _tensors(objs):
     return out
 
 
-def _body(names, record_leak):
+def _body(names, record_leak, variant, second_batch):
+    from cipherdm_torch.protocols import config
+
+    with config.use(variant):
+        return _run_models(names, record_leak, second_batch)
+
+
+def _run_models(names, record_leak, second_batch):
     from cipherdm_torch import encrypt
 
     info = cipherdm_torch.party()
@@ -108,7 +115,7 @@ def _body(names, record_leak):
         if record_leak and not info.is_owner:
             r["received"] = [t.clone() for t in _tensors(got)]
             r["own_shares"] = {k: v.share.clone() for k, v in enc._weights.items()}
-        if name == "plain_blocks_silu":  # a second batch size: re-exported, weights reused
+        if second_batch and name == "plain_blocks_silu":  # a second batch size: re-exported, weights reused
             x1, t1, y1 = example(name, batch=1, seed=3)
             sx1 = enc.share_input("sample", x1 if info.is_user else None)
             sy1 = enc.share_input("class_labels", y1 if info.is_user else None)
@@ -131,9 +138,7 @@ def _close(got, ref):
     return err, rel
 
 
-def test_unet2d_blocks_match_plaintext_and_weights_stay_private(parties):
-    names = list(CONFIGS)
-    results = parties.run(_body, names, True)
+def _check(results, names, second_batch):
     user = cipherdm_torch.Roles().user
     for name in names:
         for rank, r in enumerate(results):
@@ -142,10 +147,28 @@ def test_unet2d_blocks_match_plaintext_and_weights_stay_private(parties):
                 _close(res["opened"], _reference(name))
             else:
                 assert res["opened"] is None  # only the user learns the output
-        if name == "plain_blocks_silu":
+        if second_batch and name == "plain_blocks_silu":
             _close(results[user][name]["batch1"], _reference(name, 1, 3))
             assert results[user][name]["graphs"] == 2
 
+
+def test_unet2d_blocks_match_plaintext_and_weights_stay_private(parties):
+    """Fast: plain blocks + classes (silu) and attention blocks (mish), baseline protocols."""
+    names = ["plain_blocks_silu", "attn_blocks_mish"]
+    results = parties.run(_body, names, True, "baseline", False)
+    _check(results, names, False)
+    _check_weights_private(results, names)
+
+
+@pytest.mark.slow
+def test_unet2d_all_configs_optimised_protocols(parties):
+    """Every config (incl. gelu) with the optimised protocols, plus a second batch size."""
+    names = list(CONFIGS)
+    results = parties.run(_body, names, False, "optimised", True)
+    _check(results, names, True)
+
+
+def _check_weights_private(results, names):
     # What ranks 1 and 2 received (and hold) is never the owner's weights.
     for name in names:
         weights = {k: v.detach().float().flatten()
