@@ -288,6 +288,7 @@ class DPDMTrainer:
         })
         self.ledger.save(ledger_path)
         self.last_loss = float("nan")
+        self._steps_left = None
 
     @classmethod
     def resume(cls, output_dir: str, dataset: Optional[ImageDataset] = None, **overrides):
@@ -306,7 +307,10 @@ class DPDMTrainer:
         return self.ledger.epsilon_spent
 
     def steps_left_in_budget(self) -> int:
-        return self.ledger.steps_left(self.config.noise_multiplier, self.sample_rate)
+        """Steps at this run's (sigma, q) that still fit in the budget (cached; exact)."""
+        if self._steps_left is None:
+            self._steps_left = self.ledger.steps_left(self.config.noise_multiplier, self.sample_rate)
+        return self._steps_left
 
     def _update_ema(self):
         d = self.config.ema_decay
@@ -324,6 +328,7 @@ class DPDMTrainer:
         update_eps = cfg.accountant == "rdp" or (self.step_count + 1) % cfg.log_every == 0
         self.ledger.record_steps(cfg.noise_multiplier, self.sample_rate, 1, update_epsilon=update_eps)
         self.ledger.save(self.ledger_path)
+        self._steps_left -= 1
         idx = poisson_sample(len(self.dataset), self.sample_rate, generator=self.dp_gen)
         x0 = self.dataset.float_images(idx)
         labels = self.dataset.labels[idx] if self.denoiser.num_classes > 0 else None
