@@ -11,6 +11,8 @@ How it hooks in (no CrypTen code copied, nothing in CrypTen edited):
   ``abs``, ``max``, ``argmax``, ``where``-style selections) and ``MPCTensor.relu``
   are wrapped: when ``"rss"`` is selected they dispatch to :mod:`.rss_compare`,
   otherwise to CrypTen's originals.
+* ``MPCTensor.rand`` (used by ``max`` / ``argmax`` to break ties) draws replicated
+  random bits from the pairwise PRGs and injects them (no B2A triples).
 * ``ArithmeticSharedTensor.clone`` and its add / sub are wrapped to carry the
   cached replica share along (otherwise the next multiplication pays a re-share).
 
@@ -38,7 +40,10 @@ from crypten.mpc.primitives import arithmetic as _arith_mod
 from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
 from crypten.common.tensor_types import is_tensor
 
-from . import rss_arith, rss_compare
+import torch
+from crypten.encoder import FixedPointEncoder
+
+from . import rss_arith, rss_binary, rss_compare
 
 __all__ = ["NAME", "install", "is_active", "enable", "disable", "replicated_backend"]
 
@@ -61,6 +66,17 @@ def _relu(self):
     if is_active() and self.ptype == crypten.mpc.arithmetic:
         return rss_compare.relu(self)
     return _ORIG["relu"](self)
+
+
+def _rand(*sizes, device=None):
+    """Uniform [0, 1) with 16 random bits, dealer-free (CrypTen's takes B2A triples)."""
+    if not is_active():
+        return _ORIG["rand"](*sizes, device=device)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = tuple(sizes[0])
+    bits = FixedPointEncoder()._precision_bits
+    share = rss_binary.b2a(rss_binary.random_bits(sizes, bits, device), bits=bits)
+    return MPCTensor.from_shares(share, precision=bits)
 
 
 def _clone(self):
@@ -99,6 +115,8 @@ def install() -> None:
     _ORIG["_ltz"] = MPCTensor._ltz
     _ORIG["relu"] = MPCTensor.relu
     _ORIG["clone"] = ArithmeticSharedTensor.clone
+    _ORIG["rand"] = MPCTensor.rand
+    MPCTensor.rand = staticmethod(_rand)
     _ORIG["_arithmetic_function"] = ArithmeticSharedTensor._arithmetic_function
     MPCTensor._ltz = _ltz
     MPCTensor.relu = _relu

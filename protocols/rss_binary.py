@@ -32,7 +32,7 @@ import torch
 
 from . import rss_arith as ra
 
-__all__ = ["Pair", "bits_of", "xor", "xor_public", "and_many", "and_", "from_arith",
+__all__ = ["Pair", "random_bits", "bits_of", "xor", "xor_public", "and_many", "and_", "from_arith",
            "csa", "a2b", "msb", "b2a_bit", "b2a", "reveal_binary", "pack_bits", "unpack_bits"]
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -94,6 +94,13 @@ def _zero_share(like: torch.Tensor) -> torch.Tensor:
         return _bit_zero_share(like.shape, like.device)
     return ra.rand_ring(like.shape, "next", like.device) ^ ra.rand_ring(like.shape, "prev",
                                                                       like.device)
+
+
+def random_bits(shape, bits: int = 64, device=None) -> Pair:
+    """A random replicated binary word no party knows: share j drawn from the PRG of
+    parties j-1 and j, so party i's pair is (prev draw, next draw); no communication."""
+    mask = -1 if bits >= 64 else (1 << bits) - 1
+    return (ra.rand_ring(shape, "prev", device) & mask, ra.rand_ring(shape, "next", device) & mask)
 
 
 # ---------------------------------------------------------------- AND

@@ -1,0 +1,83 @@
+"""The MPCTensor hook: with the replicated backend no Beaver-triple provider is ever asked."""
+
+import torch
+
+import cipherdm_torch  # noqa: F401
+import crypten
+import crypten.mpc
+
+from cipherdm_torch.protocols import rss_backend, rss_compare
+
+
+def _workload(x, y, w, img, k):
+    ex, ey = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=1)
+    ew, ei, ek = crypten.cryptensor(w), crypten.cryptensor(img, src=1), crypten.cryptensor(k)
+    out = {
+        "mul": ex * ey, "matmul": ex.unsqueeze(0).matmul(ew), "conv2d": ei.conv2d(ek, padding=1),
+        "square": ex.square(), "pub": ex * 0.7, "div": ex / 5, "relu": ex.relu(),
+        "lt": ex < ey, "gt": ex > 0.5, "ge": ex >= ey, "le": ex <= 1, "eq": ex == ey,
+        "sign": ex.sign(), "abs": ex.abs(), "max": ew.max(dim=1)[0], "argmax": ew.argmax(dim=0),
+        "where": crypten.where(ex < ey, ex, ey), "select": (ex < 0) * ex + (1 - (ex < 0)) * ey,
+        "hardtanh": ex.hardtanh(), "min": ew.min(),
+    }
+    return {k_: v.get_plain_text() for k_, v in out.items()}
+
+
+def _count_provider_body(mode, *args):
+    calls = []
+    original = crypten.mpc.get_default_provider
+
+    def counting():
+        calls.append(1)
+        return original()
+
+    crypten.mpc.get_default_provider = counting
+    try:
+        if mode == "rss":
+            with rss_backend.replicated_backend():
+                res = _workload(*args)
+                res["tree_max"] = rss_compare.max(crypten.cryptensor(args[2]), 1).get_plain_text()
+                res["rand"] = crypten.rand(4000).get_plain_text()
+        else:
+            with crypten.cfg.temp_override({"mpc.protocol": mode}):
+                res = _workload(*args)
+    finally:
+        crypten.mpc.get_default_provider = original
+    return len(calls), res, str(crypten.cfg.mpc.protocol)
+
+
+def test_no_provider_with_backend_and_baseline_unchanged(parties):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(20, generator=g) * 4, torch.randn(20, generator=g) * 4
+    w = torch.randn(20, 6, generator=g)
+    img, k = torch.randn(1, 2, 5, 5, generator=g), torch.randn(3, 2, 3, 3, generator=g)
+    ours = parties.run(_count_provider_body, "rss", x, y, w, img, k)
+    base = parties.run(_count_provider_body, "replicated", x, y, w, img, k)
+    for (n_ours, r, proto_after), (n_base, b, _) in zip(ours, base):
+        assert n_ours == 0, "a Beaver provider was used by the replicated backend"
+        assert n_base > 0  # CrypTen's replicated mode does use the (dealer) provider
+        assert proto_after != "rss"
+        for key in b:  # same answers as CrypTen's own protocol
+            torch.testing.assert_close(r[key].float(), b[key].float(), atol=2e-3, rtol=1e-3,
+                                       msg=key)
+        torch.testing.assert_close(r["relu"], x.relu(), atol=1e-3, rtol=0)
+        torch.testing.assert_close(r["max"], w.max(1)[0], atol=1e-3, rtol=0)
+        torch.testing.assert_close(r["tree_max"], w.max(1)[0], atol=1e-3, rtol=0)
+        torch.testing.assert_close(r["select"], torch.where(x < 0, x, y), atol=1e-3, rtol=0)
+        assert r["rand"].min() >= 0 and r["rand"].max() < 1
+        assert abs(r["rand"].mean() - 0.5) < 0.03 and r["rand"].unique().numel() > 3000
+
+
+def _enable_disable_body():
+    rss_backend.enable()
+    on = rss_backend.is_active()
+    e = crypten.cryptensor(torch.tensor([-1.0, 2.0]))
+    v = e.relu().get_plain_text()
+    rss_backend.disable()
+    return on, rss_backend.is_active(), v
+
+
+def test_enable_disable(parties):
+    for on, off, v in parties.run(_enable_disable_body):
+        assert on and not off
+        torch.testing.assert_close(v, torch.tensor([0.0, 2.0]))
