@@ -172,12 +172,13 @@ def load_fashion_mnist(split: str = "train", folder: str = FASHION_MNIST_DIR) ->
 
 
 def _load_image_folder(folder: str) -> ImageDataset:
+    from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    ds = ImageFolder(folder)
+    ds = ImageFolder(folder, loader=Image.open)
     imgs, labs = [], []
     for path, label in ds.samples:
-        img = ds.loader(path)
+        img = Image.open(path)
         arr = np.asarray(img.convert("L") if img.mode in ("L", "1", "P", "LA") else img.convert("RGB"))
         t = torch.from_numpy(arr.copy())
         imgs.append(t[None] if t.dim() == 2 else t.permute(2, 0, 1))
