@@ -114,10 +114,15 @@ def exchange(sends: Sequence[Tuple[torch.Tensor, int]], recvs: Sequence[Tuple[to
     """Post all sends and receives, then wait: one communication round (metered)."""
     c = comm.get()
     reqs = [c.isend(t.contiguous(), dst) for t, dst in sends]
-    reqs += [c.irecv(buf, src=src) for buf, src in recvs]
+    # gloo receives only into contiguous memory (empty_like keeps a view's strides)
+    landing = [buf if buf.is_contiguous() else torch.empty(buf.shape, dtype=buf.dtype)
+               for buf, _ in recvs]
+    reqs += [c.irecv(land, src=src) for land, (_, src) in zip(landing, recvs)]
     for r in reqs:
         r.wait()
-    for buf, _ in recvs:
+    for land, (buf, _) in zip(landing, recvs):
+        if land is not buf:
+            buf.copy_(land)
         transcript.add(buf)
 
 
