@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module with a ``main(argv)``, one-line help)
 COMMANDS = {
     "demo": ("cipherdm_torch.demo", "three-party demo: share a tensor, compute, reveal, show costs"),
+    "sample": ("cipherdm_torch.secure_sample", "securely sample images from a model with three parties"),
     "train": ("cipherdm_torch.training.cli", "train a diffusion model with DP-SGD (DPDM)"),
     "eval": ("cipherdm_torch.training.eval_cli", "evaluate a trained model: downstream accuracy, FID"),
 }

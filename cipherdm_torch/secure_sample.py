@@ -1,0 +1,284 @@
+"""``cipherdm sample``: three local parties securely sample images from a trained model.
+
+The model owner's rank loads the weights; the other ranks build the same architecture from its
+public config only (no weights) and receive the weights as secret shares. The user's rank draws
+the noise from the seed and shares it together with the class labels; only the user gets the
+images. Writes a PNG grid and a JSON cost report (per party: totals, per op type, per step), and
+with ``--check`` the fidelity against plaintext sampling of the same model with the same noise
+(computed in this launching process, which plays the user's terminal and may read the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import List, Optional
+
+import torch
+
+__all__ = ["SampleSpec", "EMBEDDED_MODEL", "embedded_model_dir", "load_model", "run", "main"]
+
+EMBEDDED_MODEL = "dpdm-mnist"
+SAMPLERS = ("edm", "euler", "ddim", "ddpm")
+
+
+def embedded_model_dir() -> str:
+    return str(resources.files("cipherdm_torch") / "assets" / EMBEDDED_MODEL)
+
+
+@dataclass
+class SampleSpec:
+    """Everything the parties need to agree on (all public except seed and labels)."""
+
+    model: str
+    sampler: str = "euler"
+    steps: int = 10
+    labels: List[int] = field(default_factory=list)
+    seed: int = 0
+    guidance: float = 1.0
+    protocols: str = "optimised"
+    backend: str = "rss"
+    link: str = "loopback"
+    ema: bool = True
+
+
+def _is_dpdm_checkpoint(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, "denoiser.json"))
+
+
+def load_model(folder: str, with_weights: bool, ema: bool = True):
+    """(model, kind): a DPDM ``Denoiser`` ("dpdm") or a diffusers ``UNet2DModel`` ("unet2d").
+
+    ``with_weights=False`` builds the architecture from the config files only.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder {folder!r} does not exist")
+    if _is_dpdm_checkpoint(folder):
+        from cipherdm_torch.training.trainer import load_denoiser
+
+        if with_weights:
+            return load_denoiser(folder, ema=ema), "dpdm"
+        return _dpdm_architecture(folder, ema), "dpdm"
+    from diffusers import UNet2DModel
+
+    sub = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
+    if not os.path.exists(os.path.join(sub, "config.json")):
+        raise FileNotFoundError(f"{folder!r} is neither a DPDM checkpoint (denoiser.json) nor a "
+                                f"diffusers UNet2DModel folder (config.json)")
+    if with_weights:
+        return UNet2DModel.from_pretrained(sub, low_cpu_mem_usage=False).eval(), "unet2d"
+    return UNet2DModel.from_config(UNet2DModel.load_config(sub)).eval(), "unet2d"
+
+
+def _dpdm_architecture(folder: str, ema: bool):
+    from diffusers import UNet2DModel
+
+    from cipherdm_torch.training.ledger import read_json
+    from cipherdm_torch.training.precond import Denoiser, make_precond
+    from cipherdm_torch.training.unet import DiffusersBackbone, DPUNet
+
+    meta = read_json(os.path.join(folder, "denoiser.json"))
+    sub = os.path.join(folder, "backbone_ema" if ema else "backbone")
+    if not os.path.isdir(sub):
+        sub = os.path.join(folder, "backbone")
+    if meta["backbone"] == "own":
+        bb = DPUNet.from_config(DPUNet.load_config(sub))
+    else:
+        bb = DiffusersBackbone(UNet2DModel.from_config(UNet2DModel.load_config(sub)),
+                               meta["num_classes"])
+    return Denoiser(bb, make_precond(**meta["precond"]), meta["num_classes"]).eval()
+
+
+def _scheduler(folder: str, sampler: str):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    for sub in ("scheduler", "."):
+        path = os.path.join(folder, sub, "scheduler_config.json")
+        if os.path.exists(path):
+            return cls.from_config(cls.load_config(os.path.dirname(path)))
+    return cls(num_train_timesteps=1000)
+
+
+def _image_shape(model, kind):
+    cfg = model.backbone.config if kind == "dpdm" else model.config
+    res = cfg.get("img_resolution", None) or cfg.get("sample_size")
+    return (cfg["in_channels"], res, res)
+
+
+def _party(spec: SampleSpec):
+    """One party's part: load (owner) or build (others), encrypt, run the secure pipeline."""
+    from cipherdm_torch import encrypt, netsim, party
+    from cipherdm_torch.pipelines import (SecureDDIMPipeline, SecureDDPMPipeline,
+                                          SecureEDMPipeline)
+    from cipherdm_torch.protocols import config as pconfig, rss_backend
+
+    p = party()
+    if spec.link not in ("", "loopback"):
+        netsim.activate(spec.link)
+    if spec.backend == "rss":
+        rss_backend.enable()
+    model, kind = load_model(spec.model, with_weights=p.is_owner, ema=spec.ema)
+    shape = _image_shape(model, kind)
+    n = len(spec.labels)
+    user = dict(seed=spec.seed if p.is_user else None,
+                class_labels=spec.labels if p.is_user else None)
+    t0 = time.perf_counter()
+    with pconfig.use(spec.protocols):
+        if kind == "dpdm":
+            guided = model.num_classes > 0 and spec.guidance != 1.0
+            rows = 2 * n if guided else n
+            example = {"x": torch.zeros(rows, *shape), "noise_labels": torch.zeros(rows)}
+            if model.num_classes > 0:
+                example["class_labels"] = torch.zeros(rows, dtype=torch.long)
+            enc = encrypt(model.backbone, example)
+            setup = time.perf_counter() - t0
+            pipe = SecureEDMPipeline(enc, model.precond, num_classes=model.num_classes)
+            out = pipe(batch_size=n, num_inference_steps=spec.steps, image_shape=shape,
+                       guidance_scale=spec.guidance, heun=spec.sampler == "edm", **user)
+        else:
+            example = {"sample": torch.zeros(n, *shape), "timestep": 999}
+            if model.config.get("num_class_embeds"):
+                example["class_labels"] = torch.zeros(n, dtype=torch.long)
+            else:
+                user["class_labels"] = None
+            enc = encrypt(model, example)
+            setup = time.perf_counter() - t0
+            cls = SecureDDIMPipeline if spec.sampler == "ddim" else SecureDDPMPipeline
+            out = cls(enc, _scheduler(spec.model, spec.sampler))(
+                batch_size=n, num_inference_steps=spec.steps, image_shape=shape, **user)
+    if spec.backend == "rss":
+        rss_backend.disable()
+    return {"rank": p.rank, "images": out.images, "report": out.report(),
+            "setup_seconds": setup, "seconds": time.perf_counter() - t0}
+
+
+def plaintext_twin(spec: SampleSpec) -> torch.Tensor:
+    """The same sampling in plaintext (same model, noise and labels)."""
+    from cipherdm_torch.pipelines import plaintext_edm_sample, plaintext_scheduler_sample
+
+    model, kind = load_model(spec.model, with_weights=True, ema=spec.ema)
+    shape = _image_shape(model, kind)
+    n = len(spec.labels)
+    if kind == "dpdm":
+        return plaintext_edm_sample(model, n, spec.steps, shape, spec.seed, spec.labels,
+                                    guidance_scale=spec.guidance, heun=spec.sampler == "edm")
+    labels = spec.labels if model.config.get("num_class_embeds") else None
+    return plaintext_scheduler_sample(model, _scheduler(spec.model, spec.sampler), n, spec.steps,
+                                      shape, spec.seed, labels, ddpm=spec.sampler == "ddpm")
+
+
+def run(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
+    """Launch the three parties, write the grid and the report; return the report."""
+    from cipherdm_torch import launch
+    from cipherdm_torch.sampling import fidelity
+    from cipherdm_torch.training.trainer import save_image_grid
+
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    results = launch(_party, spec)
+    wall = time.perf_counter() - t0
+    user = next(r for r in results if r["images"] is not None)
+    png = os.path.join(out_dir, "samples.png")
+    save_image_grid(user["images"], png, nrow=min(10, len(spec.labels)))
+    torch.save({"images": user["images"], "labels": torch.tensor(spec.labels)},
+               os.path.join(out_dir, "samples.pt"))
+    report = {"spec": asdict(spec), "wall_seconds": wall, "png": png,
+              "parties": [{"rank": r["rank"], "setup_seconds": r["setup_seconds"],
+                           "seconds": r["seconds"], **r["report"]} for r in results]}
+    report["spec"].pop("seed")  # the user's secret
+    if check:
+        report["fidelity"] = fidelity(user["images"], plaintext_twin(spec))
+    path = os.path.join(out_dir, "cost_report.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+    report["report_path"] = path
+    return report
+
+
+def summary(report: dict) -> str:
+    lines = [f"samples:     {report['png']}", f"cost report: {report['report_path']}",
+             f"wall time:   {report['wall_seconds']:.1f} s"]
+    for p in report["parties"]:
+        t = p["total"]
+        steps = max(len(p["steps"]), 1)
+        lines.append(f"  P{p['rank']}: sent {t['bytes_sent'] / 1e6:,.1f} MB, received "
+                     f"{t['bytes_received'] / 1e6:,.1f} MB, {t['rounds']:,} rounds, "
+                     f"{t['bytes_sent'] / 1e6 / steps:,.1f} MB sent per step")
+    if "fidelity" in report:
+        f = report["fidelity"]
+        lines.append(f"fidelity vs plaintext sampling: max |diff| {f['max_abs']:.4f}, mean |diff| "
+                     f"{f['mean_abs']:.4f}, PSNR {f['psnr_db']:.1f} dB")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cipherdm sample", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="DPDM checkpoint folder or diffusers UNet2DModel "
+                    "folder (default: the embedded DP MNIST model)")
+    ap.add_argument("--sampler", choices=SAMPLERS, default="euler",
+                    help="edm (Heun) / euler for DPDM checkpoints; ddim / ddpm for UNet2DModel")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--labels", default="all",
+                    help="comma-separated class labels, one image each, or 'all' (one per class)")
+    ap.add_argument("--seed", type=int, default=0, help="the user's noise seed (secret)")
+    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    ap.add_argument("--protocols", choices=("optimised", "baseline"), default="optimised")
+    ap.add_argument("--backend", choices=("rss", "crypten"), default="rss",
+                    help="rss: dealer-free replicated 3PC; crypten: CrypTen's own protocols")
+    ap.add_argument("--link", default="loopback", help="loopback, lan, wan or <Mbit/s>:<ms>")
+    ap.add_argument("--out", default="cipherdm-out")
+    ap.add_argument("--check", action="store_true", help="compare with plaintext sampling")
+    ap.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
+    return ap
+
+
+def parse_labels(text: str, num_classes: int) -> List[int]:
+    if text == "all":
+        if num_classes <= 0:
+            raise SystemExit("--labels all needs a class-conditional model; pass e.g. --labels 0,0,0")
+        return list(range(num_classes))
+    try:
+        labels = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--labels: expected integers, got {text!r}") from None
+    if not labels:
+        raise SystemExit("--labels: at least one label (one image per label)")
+    bad = [v for v in labels if num_classes > 0 and not 0 <= v < num_classes]
+    if bad:
+        raise SystemExit(f"--labels: {bad} outside 0..{num_classes - 1}")
+    return labels
+
+
+def spec_from_args(args) -> SampleSpec:
+    folder = args.model or embedded_model_dir()
+    if args.model is None and not os.path.isdir(folder):
+        raise SystemExit(f"no embedded model at {folder}; pass --model FOLDER")
+    model, kind = load_model(folder, with_weights=False)
+    if kind == "dpdm" and args.sampler not in ("edm", "euler"):
+        raise SystemExit(f"--sampler {args.sampler}: DPDM checkpoints use edm or euler")
+    if kind == "unet2d" and args.sampler not in ("ddim", "ddpm"):
+        raise SystemExit(f"--sampler {args.sampler}: UNet2DModel folders use ddim or ddpm")
+    classes = model.num_classes if kind == "dpdm" else (model.config.get("num_class_embeds") or 0)
+    if args.steps < 1:
+        raise SystemExit("--steps must be at least 1")
+    return SampleSpec(model=folder, sampler=args.sampler, steps=args.steps,
+                      labels=parse_labels(args.labels, classes), seed=args.seed,
+                      guidance=args.guidance, protocols=args.protocols, backend=args.backend,
+                      link=args.link, ema=not args.no_ema)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    spec = spec_from_args(args)
+    print(f"three local parties sample {len(spec.labels)} image(s) with {spec.sampler}, "
+          f"{spec.steps} steps, {spec.protocols} protocols on the {spec.backend} backend")
+    report = run(spec, args.out, check=args.check)
+    print(summary(report))
+    return 0
