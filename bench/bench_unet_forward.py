@@ -3,16 +3,18 @@
 Model: diffusers UNet2DModel, 28x28x1, base 4 channels, mults (1, 2), 2 res blocks per level,
 GroupNorm with 2 groups, attention at 14x14 (6 softmaxes over 196 positions), SiLU, 2 classes
 (the CipherDM MNIST shape; REFERENCES.md). Runs the forward once per protocol variant
-(``baseline`` = CrypTen-direct, ``optimised`` = cipherdm_torch.protocols) in three local
+(``baseline`` = CrypTen-direct, ``optimised`` = cipherdm_torch.protocols; a ``+rss`` suffix
+runs on the project's replicated backend instead of CrypTen's Beaver protocol) in three local
 processes and prints, for party 0, bytes sent / received, rounds and seconds per op type,
 the totals, and optimised/baseline ratios. Error vs the plaintext forward is printed too.
 
-    python bench/bench_unet_forward.py [--batch 1] [--variants baseline optimised] [--json out]
+    python bench/bench_unet_forward.py [--batch 1] [--variants baseline optimised optimised+rss]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -49,9 +51,14 @@ def _party(batch, variants):
     encrypt_s = time.perf_counter() - t0
     out = {"encrypt_s": encrypt_s, "runs": {}}
     for variant in variants:
-        sx = enc.share_input("sample", x if info.is_user else None)
-        sy = enc.share_input("class_labels", y if info.is_user else None)
-        with config.use(variant):
+        protocols, _, backend = variant.partition("+")
+        ctx = contextlib.nullcontext()
+        if backend == "rss":  # this project's dealer-free replicated backend
+            from cipherdm_torch.protocols import rss_backend
+            ctx = rss_backend.replicated_backend()
+        with ctx, config.use(protocols):
+            sx = enc.share_input("sample", x if info.is_user else None)
+            sy = enc.share_input("class_labels", y if info.is_user else None)
             res, meter = enc.profile(sx, t, sy)
         out["runs"][variant] = {"cost": meter.as_dict(), "table": meter.table(),
                                 "opened": enc.reveal(res[0])}
@@ -83,9 +90,9 @@ def main(argv=None):
                       "max_abs_err": err, "rel_l2_err": rel}
         print(f"\n== {v} (party 0) ==  max |err| {err:.4f}, rel L2 err {rel:.4f}")
         print(p0["runs"][v]["table"])
-    if "baseline" in summary and "optimised" in summary:
-        b, o = summary["baseline"], summary["optimised"]
-        print("\n== optimised / baseline ==")
+    for other in [v for v in args.variants if v != "baseline" and "baseline" in summary]:
+        b, o = summary["baseline"], summary[other]
+        print(f"\n== {other} / baseline ==")
         print(f"{'region':<12} {'bytes':>8} {'rounds':>8} {'seconds':>8}")
         names = sorted(set(b["regions"]) | set(o["regions"]),
                        key=lambda k: -b["regions"].get(k, {}).get("bytes_sent", 0))
@@ -98,7 +105,7 @@ def main(argv=None):
             def ratio(f):
                 return f"{co[f] / cb[f]:.3f}" if cb[f] else "-"
             print(f"{k:<12} {ratio('bytes_sent'):>8} {ratio('rounds'):>8} {ratio('seconds'):>8}")
-        summary["ratio_total"] = {f: (o["total"][f] / b["total"][f] if b["total"][f] else None)
+        summary[f"ratio_total_{other}"] = {f: (o["total"][f] / b["total"][f] if b["total"][f] else None)
                                   for f in ("bytes_sent", "rounds", "seconds")}
     if args.json:
         with open(args.json, "w") as f:

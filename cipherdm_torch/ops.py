@@ -83,7 +83,25 @@ def lift(x):
 
 def local(x, fn: Callable[[torch.Tensor], torch.Tensor]):
     """Apply a share-wise linear op (view, permute, index, ...) to every share locally."""
-    return wrap(x, fn(x.share))
+    share = fn(x.share)
+    _carry_replica([x.share], share, lambda reps: fn(reps[0]))
+    return wrap(x, share)
+
+
+def _carry_replica(sources, result, fn) -> None:
+    """Under the replicated backend, apply the same local op to the cached replica shares.
+
+    (Otherwise the next multiplication would re-share a tensor each party could derive.)
+    """
+    try:
+        from cipherdm_torch.protocols import rss_arith  # type: ignore
+    except ImportError:
+        return
+    reps = [rss_arith.cached_next(s) for s in sources]
+    if reps and all(r is not None for r in reps):
+        rep = fn(reps)
+        if rep.shape == result.shape:
+            rss_arith.remember(result, rep)
 
 
 def wrap(template, share: torch.Tensor):
@@ -503,6 +521,8 @@ def _split_op(aten_op):
     def run(x, *args, **kwargs):
         # apply to the share once, then wrap each piece
         pieces = aten_op(x.share, *args, **kwargs)
+        for k, p in enumerate(pieces):
+            _carry_replica([x.share], p, lambda reps, k=k: aten_op(reps[0], *args, **kwargs)[k])
         return [wrap(x, p) for p in pieces]
     return run
 
@@ -517,7 +537,9 @@ def _join_op(aten_op):
         tensors = [lift(t) for t in tensors]
         template = tensors[0]
         # rescale public pieces lifted with a different encoder (never the case with defaults)
-        return wrap(template, aten_op([t.share for t in tensors], *args, **kwargs))
+        share = aten_op([t.share for t in tensors], *args, **kwargs)
+        _carry_replica([t.share for t in tensors], share, lambda reps: aten_op(reps, *args, **kwargs))
+        return wrap(template, share)
     return run
 
 
