@@ -42,10 +42,14 @@ def _party(x, y, a, b, img, k):
     rss_backend.install()
     rows = []
 
-    def measure(name, mode, fn, ref, n):
-        fn()  # warm-up (first calls pay one-off allocation costs); costs are deterministic
+    def measure(name, mode, fn, ref, n, replicated=False):
+        """Run ``fn`` on fresh sharings of the inputs (or on replicated ones)."""
+        fn(*fresh())  # warm-up (first calls pay one-off allocation costs)
+        ops = fresh()
+        if replicated:
+            ra.replicate_many([o.share for o in ops])
         with CostMeter() as m:
-            out = fn()
+            out = fn(*ops)
         # decoded by hand: CrypTen 0.4.1's decoder divides negatives by 2^16 - 1
         err = (out.reveal().double() / out.encoder.scale - ref.double()).abs().max().item()
         t = m.total
@@ -54,33 +58,53 @@ def _party(x, y, a, b, img, k):
 
     for mode in ("replicated", "rss"):
         with crypten.cfg.temp_override({"mpc.protocol": mode}):
-            ex, ey = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=1)
-            ea, eb = crypten.cryptensor(a, src=1), crypten.cryptensor(b, src=0)
-            ei, ek = crypten.cryptensor(img, src=1), crypten.cryptensor(k, src=0)
+            def fresh():
+                ex, ey = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=1)
+                return ex, ey
+
             n = x.numel()
-            measure("mul 64x64", mode, lambda: ex * ey, x * y, n)
+            measure("mul 64x64", mode, lambda ex, ey: ex * ey, x * y, n)
             if mode == "rss":
-                ra.replicate_many([ex.share, ey.share])
-                measure("mul 64x64 (operands replicated)", mode, lambda: ex * ey, x * y, n)
-            measure("matmul 64x256x256", mode, lambda: ea.matmul(eb), a @ b, 64 * 256)
-            if mode == "rss":
-                ra.replicate_many([ea.share, eb.share])
-                measure("matmul 64x256x256 (operands replicated)", mode, lambda: ea.matmul(eb),
-                        a @ b, 64 * 256)
-            ref_conv = torch.conv2d(img, k, padding=1)
-            measure("conv2d 32x28x28, 32x3x3", mode, lambda: ei.conv2d(ek, padding=1), ref_conv,
-                    ref_conv.numel())
-            measure("truncation (x * 0.37)", mode, lambda: ex * 0.37, x * 0.37, n)
-            measure("ReLU 64x64", mode, lambda: ex.relu(), x.relu(), n)
-            measure("x < 0.5 64x64", mode, lambda: ex < 0.5, (x < 0.5).float(), n)
+                measure("mul 64x64 (operands replicated)", mode, lambda ex, ey: ex * ey, x * y,
+                        n, replicated=True)
+            measure("truncation (x * 0.37)", mode, lambda ex, ey: ex * 0.37, x * 0.37, n)
+            measure("ReLU 64x64", mode, lambda ex, ey: ex.relu(), x.relu(), n)
+            measure("x < 0.5 64x64", mode, lambda ex, ey: ex < 0.5, (x < 0.5).float(), n)
             measure("max over rows 64x64 (MPCTensor.max)", mode,
-                    lambda: ex.max(dim=1)[0], x.max(1)[0], n)
+                    lambda ex, ey: ex.max(dim=1)[0], x.max(1)[0], n)
             if mode == "rss":
-                measure("max over rows 64x64 (tree)", mode, lambda: rss_compare.max(ex, 1),
-                        x.max(1)[0], n)
-            bit = ex < ey
-            measure("select by secret bit 64x64", mode, lambda: crypten.where(bit, ex, ey),
-                    torch.minimum(x, y), n)
+                measure("max over rows 64x64 (tree)", mode,
+                        lambda ex, ey: rss_compare.max(ex, 1), x.max(1)[0], n)
+
+            def fresh():  # noqa: F811  (the secret bit is made outside the meter)
+                ex, ey = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=1)
+                return ex < ey, ex, ey
+
+            measure("select by secret bit 64x64 (where)", mode,
+                    lambda bit, ex, ey: crypten.where(bit, ex, ey), torch.minimum(x, y), n)
+            if mode == "rss":
+                measure("select by secret bit 64x64 (rss_compare.select)", mode,
+                        lambda bit, ex, ey: rss_compare.select(bit, ex, ey), torch.minimum(x, y),
+                        n)
+
+            def fresh():  # noqa: F811
+                return crypten.cryptensor(a, src=1), crypten.cryptensor(b, src=0)
+
+            measure("matmul 64x256x256", mode, lambda ea, eb: ea.matmul(eb), a @ b, 64 * 256)
+            if mode == "rss":
+                measure("matmul 64x256x256 (operands replicated)", mode,
+                        lambda ea, eb: ea.matmul(eb), a @ b, 64 * 256, replicated=True)
+
+            def fresh():  # noqa: F811
+                return crypten.cryptensor(img, src=1), crypten.cryptensor(k, src=0)
+
+            ref_conv = torch.conv2d(img, k, padding=1)
+            measure("conv2d 32x28x28, 32x3x3", mode, lambda ei, ek: ei.conv2d(ek, padding=1),
+                    ref_conv, ref_conv.numel())
+            if mode == "rss":
+                measure("conv2d 32x28x28, 32x3x3 (operands replicated)", mode,
+                        lambda ei, ek: ei.conv2d(ek, padding=1), ref_conv, ref_conv.numel(),
+                        replicated=True)
     return rows
 
 
@@ -98,17 +122,18 @@ def main():
                            bytes_per_elem=[p["sent"] / p["n"] for p in per],
                            rounds=max(p["rounds"] for p in per),
                            seconds=max(p["seconds"] for p in per), max_err=row["err"]))
-    hdr = f"{'operation':42s} {'backend':10s} {'B/elem sent P0/P1/P2':>24s} {'rounds':>6s} " \
+    hdr = f"{'operation':48s} {'backend':10s} {'B/elem sent P0/P1/P2':>24s} {'rounds':>6s} " \
           f"{'time s':>8s} {'max err':>10s}"
     print(hdr)
     print("-" * len(hdr))
     order = {}
     for r in merged:
-        order.setdefault(r["op"].replace(" (operands replicated)", ""), []).append(r)
+        key = r["op"].replace(" (operands replicated)", "").split(" (")[0]
+        order.setdefault(key, []).append(r)
     for _, group in order.items():
         for r in group:
             b = "/".join(f"{v:.1f}" for v in r["bytes_per_elem"])
-            print(f"{r['op']:42s} {r['mode']:10s} {b:>24s} {r['rounds']:6d} "
+            print(f"{r['op']:48s} {r['mode']:10s} {b:>24s} {r['rounds']:6d} "
                   f"{r['seconds']:8.3f} {r['max_err']:10.2e}")
     if args.json:
         with open(args.json, "w") as f:

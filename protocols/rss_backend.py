@@ -48,6 +48,7 @@ from . import rss_arith, rss_binary, rss_compare
 __all__ = ["NAME", "install", "is_active", "enable", "disable", "replicated_backend"]
 
 NAME = "rss"
+_BILINEAR = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
 _ORIG: dict = {}
 
 
@@ -89,6 +90,10 @@ def _clone(self):
 
 def _arithmetic_function(self, y, op, inplace=False, *args, **kwargs):
     """CrypTen's add / sub / mul..., plus the replica of the result for add / sub."""
+    if is_active() and op in _BILINEAR and isinstance(y, ArithmeticSharedTensor):
+        # re-share the operands themselves (not CrypTen's internal clone), so the
+        # replicas stay cached on them for their next use
+        rss_arith.replicate_many([self.share] if y.share is self.share else [self.share, y.share])
     if not is_active() or op not in ("add", "sub"):
         return _ORIG["_arithmetic_function"](self, y, op, inplace, *args, **kwargs)
     xn = rss_arith.cached_next(self.share)
