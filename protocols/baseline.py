@@ -18,7 +18,9 @@ def silu(x):
 
 
 def mish(x):
-    softplus = (x.exp() + 1).log()
+    """softplus(x) = relu(x) + log(1 + exp(-|x|)): CrypTen's ops in their stable order
+    (``log(1 + exp(x))`` overflows to garbage above x ~ 10)."""
+    softplus = x.relu() + ((-x.abs()).exp() + 1).log()
     return x * softplus.tanh()
 
 
