@@ -66,3 +66,12 @@ def test_crypten_ops_match_plaintext(parties, protocol):
 def _with_protocol(protocol, *args):
     with crypten.cfg.temp_override({"mpc.protocol": protocol}):
         return _crypten_ops(*args)
+
+
+def test_decode_is_exact_for_negative_values():
+    from crypten.encoder import FixedPointEncoder
+
+    enc = FixedPointEncoder()  # 16 fractional bits
+    raw = torch.tensor([-851967, -65536000000, -1, 0, 1, -65537, 2 ** 40 + 5, -(2 ** 40) - 5])
+    expected = raw.double() / 65536  # CrypTen 0.4.1 gave -13.99998 for -851967 and -1000015 for 1e6
+    torch.testing.assert_close(enc.decode(raw).double(), expected, atol=1e-4, rtol=0)
