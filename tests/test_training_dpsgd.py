@@ -9,6 +9,11 @@ from cipherdm_torch.training.unet import DPUNet, make_diffusers_unet
 
 torch.set_num_threads(1)
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+    pytest.mark.filterwarnings("ignore:In CPU autocast"),
+]
+
 
 def _own():
     return DPUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,

@@ -87,7 +87,7 @@ def make_classifier(kind: str, shape: Sequence[int], num_classes: int = 10) -> n
 
 
 def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int = 5,
-                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device="cpu",
+                     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, device="cpu",
                      progress: Optional[str] = None) -> nn.Module:
     """Adam on cross-entropy, shuffled mini-batches; images uint8 or float in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
@@ -129,7 +129,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 def downstream_accuracies(images: torch.Tensor, labels: torch.Tensor, test, kinds: Iterable[str] = ("logreg", "mlp", "cnn"),
-                          epochs: int = 5, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                          epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                           device="cpu", progress: bool = True) -> Dict[str, dict]:
     """Train each classifier kind on (images, labels); accuracy on the real ``test`` ImageDataset.
 

@@ -169,7 +169,7 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
         from .feature_net import load_feature_net
 
         t0 = time.perf_counter()
-        net = load_feature_net(train, progress=progress).to(device)
+        net = load_feature_net(data, train, progress=progress).to(device)
         dev_fn = lambda x: net(x.to(device))  # noqa: E731
         ref = reference_stats(dev_fn, net.extractor_id, train, progress=progress)
         gen = feature_stats(dev_fn, generated.images, progress="classifier features" if progress else None)

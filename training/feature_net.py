@@ -12,8 +12,8 @@ with::
     python -m cipherdm_torch.training.feature_net --data mnist \\
         --out cipherdm_torch/assets/mnist_feature_net.safetensors
 
-For any other data set, ``load_feature_net(train_set)`` trains one (same recipe) and caches it under
-``fid.cache_dir()`` keyed by the data set fingerprint.
+For any other data set, ``load_feature_net(name, train_set)`` trains one (same recipe) and caches it
+under ``fid.cache_dir()``'s parent keyed by the data set fingerprint.
 """
 
 from __future__ import annotations
@@ -106,22 +106,22 @@ def read_feature_net(path: str) -> FeatureNet:
     return FeatureNet(cnn, meta)
 
 
-def load_feature_net(train_set=None, progress: bool = True) -> FeatureNet:
-    """The feature net for ``train_set`` (default / MNIST: the shipped asset).
+def load_feature_net(data: str = "mnist", train_set=None, progress: bool = True) -> FeatureNet:
+    """The feature net for the data set ``data``: the shipped asset for ``"mnist"``.
 
-    A data set other than the shipped one gets a network trained on it and cached by fingerprint.
+    Any other data set gets a network trained on ``train_set`` (its training split, loaded if not
+    given) and cached by the data set's fingerprint.
     """
-    asset = _asset_path()
+    if data.lower() == "mnist":
+        return read_feature_net(_asset_path())
     if train_set is None:
-        return read_feature_net(asset)
-    fp = train_set.fingerprint()
-    if os.path.exists(asset):
-        net = read_feature_net(asset)
-        if net.meta.get("dataset_fingerprint") == fp:
-            return net
+        from .data import load_dataset
+
+        train_set = load_dataset(data, "train")
     from .fid import cache_dir
 
-    path = os.path.join(os.path.dirname(cache_dir()), "feature_nets", f"{fp.split(':')[-1][:24]}.safetensors")
+    fp = train_set.fingerprint().split(":")[-1][:24]
+    path = os.path.join(os.path.dirname(cache_dir()), "feature_nets", f"{fp}.safetensors")
     if os.path.exists(path):
         return read_feature_net(path)
     net = train_feature_net(train_set, progress=progress)

@@ -313,7 +313,9 @@ class DPDMTrainer:
         return self._steps_left
 
     def _update_ema(self):
-        d = self.config.ema_decay
+        # warm-up (1 + t) / (10 + t): short CPU runs are not dominated by the initial weights
+        t = self.step_count
+        d = min(self.config.ema_decay, (1.0 + t) / (10.0 + t))
         with torch.no_grad():
             for pe, p in zip(self.ema.parameters(), self.denoiser.parameters()):
                 pe.lerp_(p.detach(), 1.0 - d)
