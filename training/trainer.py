@@ -21,13 +21,11 @@ Output folder layout::
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import secrets
 import shutil
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence
 
 import numpy as np
