@@ -43,20 +43,24 @@ def test_load_generated_formats(tmp_path):
     assert torch.equal(to_uint8(grid[3 * 7]), a.images[7])  # first image of class 7 starts row 7
 
 
-def test_cli_on_real_images(tmp_path):
-    """Real test digits as 'generated' samples: high CNN accuracy, small classifier FID."""
+def test_cli_on_real_images(tmp_path, monkeypatch):
+    """Real train digits as 'generated' samples: sane accuracies, small classifier FID."""
+    from cipherdm_torch.training import evaluate as ev
     from cipherdm_torch.training.data import load_mnist
 
-    test = load_mnist("test").subset(3000, seed=2)
-    torch.save({"images": test.images, "labels": test.labels}, tmp_path / "real.pt")
+    # smaller real splits keep the test fast (reference statistics of 5000, not 60000, images)
+    small = {"train": load_mnist("train").subset(5000, seed=3), "test": load_mnist("test").subset(2000, seed=3)}
+    monkeypatch.setattr(ev, "load_dataset", lambda spec, split: small[split])
+    gen = load_mnist("train").subset(3000, seed=2)
+    torch.save({"images": gen.images, "labels": gen.labels}, tmp_path / "real.pt")
     out = tmp_path / "ev"
-    rc = eval_cli.main([str(tmp_path / "real.pt"), "--out", str(out), "--classifiers", "cnn",
-                        "--epochs", "3", "--no-inception", "--quiet", "--threads", "1"])
+    rc = eval_cli.main([str(tmp_path / "real.pt"), "--out", str(out), "--classifiers", "logreg,mlp",
+                        "--epochs", "3", "--no-inception", "--quiet"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     print(rep)
     assert rep["num_samples"] == 3000 and sum(rep["per_class"]) == 3000
-    assert rep["accuracy"]["cnn"] > 0.90
+    assert rep["accuracy"]["logreg"] > 0.80 and rep["accuracy"]["mlp"] > 0.80
     assert 0 <= rep["fid_classifier"] < 3.0
     assert rep["fid_inception"] is None and "fid_inception_note" in rep
     from PIL import Image
