@@ -108,7 +108,7 @@ def install_hooks(unet: UNet2DModel, rec: Recorder) -> None:
             mod.get_attention_scores = scores
 
 
-def train(unet, images, seconds: float, batch: int = 64) -> int:
+def train(unet, images, seconds: float, batch: int = 32) -> int:
     sched = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     t0, steps = time.time(), 0
@@ -121,13 +121,13 @@ def train(unet, images, seconds: float, batch: int = 64) -> int:
         loss.backward()
         opt.step()
         steps += 1
-        if steps % 50 == 0:
+        if steps % 10 == 0:
             print(f"step {steps} loss {loss.item():.4f}", flush=True)
     return steps
 
 
 @torch.no_grad()
-def record(unet, images, rec: Recorder, n: int = 16) -> None:
+def record(unet, images, rec: Recorder, n: int = 8) -> None:
     rec.active = True
     ddim = DDIMScheduler(num_train_timesteps=1000)
     ddim.set_timesteps(50)
@@ -136,7 +136,7 @@ def record(unet, images, rec: Recorder, n: int = 16) -> None:
         x = ddim.step(unet(x, t).sample, t, x).prev_sample
     ddpm = DDPMScheduler(num_train_timesteps=1000)
     x0 = images[:n]
-    for t in range(0, 1000, 4):  # (b) noised data over the whole timestep range
+    for t in range(0, 1000, 20):  # (b) noised data over the whole timestep range
         tt = torch.full((n,), t)
         unet(ddpm.add_noise(x0, torch.randn_like(x0), tt), tt)
     rec.active = False
@@ -152,6 +152,7 @@ def main():
     unet = build_unet()
     images = mnist(20000)
     steps = train(unet, images, args.train_seconds)
+    print(f"trained {steps} steps; recording", flush=True)
     rec = Recorder()
     install_hooks(unet, rec)
     unet.eval()
@@ -161,7 +162,7 @@ def main():
     summary["model"] = {"class": "diffusers.UNet2DModel", "block_out_channels": [32, 64],
                         "norm_num_groups": 8, "parameters": sum(p.numel() for p in unet.parameters()),
                         "train_steps": steps, "train_seconds": args.train_seconds,
-                        "recorded": "DDIM-50 trajectory (16 samples) + t=0..996 step 4 on noised MNIST"}
+                        "recorded": "DDIM-50 trajectory (8 samples) + t=0..980 step 20 on noised MNIST"}
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
