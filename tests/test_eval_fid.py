@@ -145,9 +145,9 @@ def test_classifier_fid_ranks_real_far_below_degraded(mnist):
     fid = {name: fid_from_features(feature_stats(net, imgs), ref)
            for name, imgs in (("real", real), ("blur", blur), ("shuffled", shuffled), ("noise", noise))}
     print(fid)
-    assert fid["real"] < 2.0, fid
+    assert fid["real"] < 5.0, fid  # not 0: 2000 vs 6000 images, a finite-sample bias remains
     for bad in ("blur", "shuffled", "noise"):
-        assert fid[bad] > 20 * max(fid["real"], 0.05), fid
+        assert fid[bad] > 50 * max(fid["real"], 0.05), fid
 
 
 @pytest.mark.slow  # ~30 s on a loaded 2-core CPU (first TorchScript call)
