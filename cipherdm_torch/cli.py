@@ -5,27 +5,34 @@ from __future__ import annotations
 import importlib
 import sys
 
-# subcommand -> (module with a ``main(argv)``, one-line help)
+# subcommand -> (module with a ``main(argv)``, arguments put before the user's, one-line help)
 COMMANDS = {
-    "demo": ("cipherdm_torch.demo", "three-party demo: share a tensor, compute, reveal, show costs"),
-    "sample": ("cipherdm_torch.secure_sample", "securely sample images from a model with three parties"),
-    "train": ("cipherdm_torch.training.cli", "train a diffusion model with DP-SGD (DPDM)"),
-    "eval": ("cipherdm_torch.training.eval_cli", "evaluate a trained model: downstream accuracy, FID"),
+    "demo": ("cipherdm_torch.demo", [],
+             "end-to-end demo: three parties securely sample digits from the embedded DP model"),
+    "sample": ("cipherdm_torch.secure_sample", [],
+               "securely sample images from a model with three parties"),
+    "train": ("cipherdm_torch.training.cli", ["train"],
+              "train a diffusion model with DP-SGD (DPDM)"),
+    "eval": ("cipherdm_torch.training.eval_cli", [],
+             "evaluate a trained model: downstream accuracy, FID"),
+    "account": ("cipherdm_torch.training.cli", ["account"],
+                "noise multiplier for (epsilon, delta), or epsilon for a noise multiplier"),
 }
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: cipherdm <command> [options]\n\ncommands:")
-        for name, (_, help_text) in COMMANDS.items():
+        print("usage: cipherdm <command> [options]   (cipherdm <command> --help for its options)"
+              "\n\ncommands:")
+        for name, (_, _, help_text) in COMMANDS.items():
             print(f"  {name:<8} {help_text}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nunknown command: {argv[0]}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    module_name, prefix, _ = COMMANDS[argv[0]]
+    return importlib.import_module(module_name).main(prefix + argv[1:]) or 0
 
 
 if __name__ == "__main__":
