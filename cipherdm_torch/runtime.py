@@ -109,8 +109,24 @@ def _failure(exc: BaseException) -> dict:
             "traceback": traceback.format_exc()}
 
 
-def _party_main(rank, world_size, rendezvous, roles, crypten_config, threads, tasks, results):
+def _exit_with_parent(parent: int, period: float = 1.0) -> None:
+    """Stop this party if the launching process dies (else it would compute on, orphaned)."""
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(period)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="cipherdm-parent-watch", daemon=True).start()
+
+
+def _party_main(rank, world_size, rendezvous, roles, crypten_config, threads, tasks, results,
+                parent=None):
     """Body of one party process: initialise, then run tasks until told to stop."""
+    if parent is not None:
+        _exit_with_parent(parent)
     try:
         init_party(rank, world_size, rendezvous, roles, crypten_config, threads)
         results.put((rank, "ready", None))
@@ -166,7 +182,7 @@ class PartyPool:
         self._procs = [
             ctx.Process(target=_party_main, daemon=True, name=f"cipherdm-party-{r}",
                         args=(r, self.world_size, rendezvous, self.roles, self.crypten_config,
-                              self.threads, self._tasks[r], self._results))
+                              self.threads, self._tasks[r], self._results, os.getpid()))
             for r in range(self.world_size)]
         for p in self._procs:
             p.start()

@@ -120,3 +120,38 @@ def test_same_code_runs_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in range(3):
         assert (tmp_path / f"result{r}.txt").read_text() == "[0.0, 2.0, 4.0, 6.0]"
+
+
+ORPHAN_SCRIPT = textwrap.dedent("""
+    import os, sys, time, cipherdm_torch
+
+    def job(path):
+        with open(path + f"/pid{cipherdm_torch.party().rank}", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(3600)
+
+    if __name__ == "__main__":
+        cipherdm_torch.launch(job, sys.argv[1])
+""")
+
+
+def test_parties_stop_when_the_launcher_is_killed(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("pid*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        pids = [int(p.read_text()) for p in tmp_path.glob("pid*")]
+        assert len(pids) == 3
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and
+                 "zombie" not in open(f"/proc/{p}/status").read().lower()]
+    assert not alive, f"parties {alive} outlived their launcher"
