@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.real:
         gen = load_dataset(args.data, args.real)
         source_info = {"kind": f"real-{args.real}", "data": args.data}
-        if args.real == "test":
+        if args.real == "test" and args.classifiers.strip():
             source_info["note"] = "classifiers trained on test images are scored on those same images"
         out = args.out or os.path.join("eval", f"real-{args.real}")
     elif os.path.isdir(args.source) and (os.path.isfile(os.path.join(args.source, "denoiser.json"))
