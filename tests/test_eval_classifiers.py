@@ -43,7 +43,6 @@ def test_downstream_linear_and_mlp_on_real_mnist(mnist):
     assert res["logreg"]["accuracy"] > 0.80
 
 
-@pytest.mark.slow  # ~30 s idle, minutes on a loaded 2-core CPU
 def test_downstream_cnn_on_real_mnist(mnist):
     train, test = mnist
     res = downstream_accuracies(train.images, train.labels, test, kinds=("cnn",), epochs=4, progress=False)
