@@ -1,7 +1,7 @@
 """Benchmark every nonlinear protocol: baseline (CrypTen direct) vs optimised, per backend.
 
 Prints, in one three-party run, per function / variant / backend: bytes sent by
-party 0 per element, rounds, seconds, max and mean absolute error against the
+party 0 per element, rounds, seconds, max and mean absolute error (relative for reciprocal / rsqrt) against the
 exact function on the recorded UNet input ranges (protocols/activation_ranges.json),
 then the ratios optimised / baseline. Backends: CrypTen's ``replicated`` protocol,
 and the project's dealer-free replicated backend ``rss`` (protocols.rss_backend)
@@ -59,6 +59,9 @@ def workloads(n: int, seed: int = 0):
     }
 
 
+RELATIVE = ("reciprocal", "rsqrt")
+
+
 def _call(name, x, kwargs):
     from cipherdm_torch.protocols import functions as P
 
@@ -84,7 +87,10 @@ def _party(n: int, backends):
                     ex = crypten.cryptensor(x)
                     with config.use(variant), CostMeter() as m:
                         y = _call(name, ex, kwargs)
-                    err = (y.get_plain_text() - exact(x)).abs()
+                    ref = exact(x)
+                    err = (y.get_plain_text() - ref).abs()
+                    if name in RELATIVE:  # outputs span decades: relative error
+                        err = err / ref.abs()
                     out.append({"function": name, "variant": variant, "backend": backend,
                                 "bytes_per_element": m.total.bytes_sent / x.numel(),
                                 "rounds": m.total.rounds, "seconds": m.total.seconds,
