@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import crypten
+import torch
 from crypten.encoder import FixedPointEncoder
 
 from . import config
@@ -41,18 +42,30 @@ def to_fixed(bits):
 
 
 def magnitude(x, lo: int, hi: int, half: bool = False):
-    """(2^-k, 2^(-k/2) if half) for 2^k <= x < 2^(k+1), k clamped to [lo, hi]; one batched comparison."""
+    """(2^-k, 2^(-k/2) if half) for 2^k <= x < 2^(k+1), k clamped to [lo, hi]; one batched comparison.
+
+    The one-hot d_k of k is a local function of the stacked bits c_j = [x >= 2^j]; the sum
+    sum_k d_k w(k) is then ONE product with a public weight tensor (one truncation, i.e. one
+    round on the replicated backend, per output instead of one per power of two). Each weight
+    is rounded to fixed point on its own, and only one d_k is 1, so the result carries a single
+    weight's rounding error.
+    """
     js = list(range(lo + 1, hi + 1))
     if not js:
         p = 2.0 ** -lo
         return x * 0 + p, (x * 0 + 2.0 ** (-lo / 2) if half else None)
     below = to_fixed(crypten.stack([x - 2.0 ** j for j in js])._ltz())  # [x < 2^j]
-    c = [1 - below[i] for i in range(len(js))]  # c_j = [x >= 2^j], monotone in j
+    c = 1 - below  # c_j = [x >= 2^j], monotone in j
     # one-hot of k: d_lo = 1 - c_(lo+1), d_j = c_j - c_(j+1), d_hi = c_hi
-    onehot = [1 - c[0]] + [c[i] - c[i + 1] for i in range(len(js) - 1)] + [c[-1]]
+    onehot = crypten.cat([1 - c[:1], c[:-1] - c[1:], c[-1:]])
     ks = [lo] + js
-    p = sum(d * (2.0 ** -k) for d, k in zip(onehot, ks))
-    q = sum(d * (2.0 ** (-k / 2)) for d, k in zip(onehot, ks)) if half else None
+    shape = (len(ks),) + (1,) * (onehot.dim() - 1)
+
+    def weighted(w):
+        return (onehot * torch.tensor([w(k) for k in ks]).reshape(shape)).sum(0)
+
+    p = weighted(lambda k: 2.0 ** -k)
+    q = weighted(lambda k: 2.0 ** (-k / 2)) if half else None
     return p, q
 
 
