@@ -146,6 +146,14 @@ def _party_main(rank, world_size, rendezvous, roles, crypten_config, threads, ta
     crypten.uninit()
 
 
+def _pickle_task(fn: Callable, args: tuple, kwargs: dict) -> bytes:
+    try:
+        return pickle.dumps((fn, args, kwargs))
+    except Exception as exc:
+        raise TypeError(f"launch() needs a picklable, module-level function and arguments: "
+                        f"{exc}") from exc
+
+
 _COMM_ERRORS = ("Connection closed by peer", "Connection reset", "Broken pipe", "Gloo",
                 "gloo", "Timed out", "ECONNRESET")
 
@@ -224,11 +232,7 @@ class PartyPool:
         the whole call; on timeout or failure the pool is torn down and
         :class:`PartyError` is raised.
         """
-        try:
-            task = pickle.dumps((fn, args, kwargs))
-        except Exception as exc:
-            raise TypeError(f"launch() needs a picklable, module-level function and arguments: "
-                            f"{exc}") from exc
+        task = _pickle_task(fn, args, kwargs)
         self.start()
         for q in self._tasks:
             q.put(task)
@@ -299,5 +303,6 @@ def launch(fn: Callable, *args, world_size: int = 3, roles: Roles = Roles(),
         results: List[Any] = [None] * ws
         results[rank] = fn(*args, **kwargs)
         return results
+    _pickle_task(fn, args, kwargs)  # fail before starting any process
     with PartyPool(world_size, roles, crypten_config) as pool:
         return pool.run(fn, *args, timeout=timeout, **kwargs)

@@ -38,6 +38,9 @@ def _user_args(seed):
 
 
 def _secure_scheduler_runs(seed):
+    from cipherdm_torch.protocols import rss_backend
+
+    rss_backend.enable()  # the dealer-free replicated backend, as `cipherdm sample` uses
     out = {}
     unet = tiny_unet2d()
     enc = cipherdm_torch.encrypt(unet, {"sample": torch.zeros(2, *SHAPE), "timestep": 10,
