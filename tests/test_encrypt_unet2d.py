@@ -12,6 +12,7 @@ import torch
 
 import cipherdm_torch
 from cipherdm_torch.crypten_compat import crypten
+from party_views import received_recorder as _received_recorder, tensors as _tensors
 
 CONFIGS = {
     "plain_blocks_silu": dict(down=("DownBlock2D", "DownBlock2D"), up=("UpBlock2D", "UpBlock2D"),
@@ -42,45 +43,6 @@ def example(name, batch=2, seed=7):
     n = CONFIGS[name]["classes"]
     y = torch.randint(0, n, (batch,), generator=g) if n else None
     return x, t, y
-
-
-def _received_recorder():
-    """Wrap this party's communicator so every tensor / object it receives is kept."""
-    comm = crypten.communicator.get()
-    got = []
-
-    def wrap(method, result_is_received=True):
-        orig = getattr(comm, method)
-
-        def run(*args, **kwargs):
-            out = orig(*args, **kwargs)
-            if method in ("recv", "irecv"):
-                got.append(args[0])  # filled in place (irecv: once waited on)
-            elif method in ("broadcast", "all_reduce", "all_gather", "reduce", "scatter",
-                            "broadcast_obj", "recv_obj", "gather"):
-                got.append(out)
-            return out
-        setattr(comm, method, run)
-        return orig
-
-    names = ["recv", "irecv", "broadcast", "all_reduce", "all_gather", "reduce", "scatter",
-             "broadcast_obj", "recv_obj", "gather"]
-    originals = {m: wrap(m) for m in names}
-
-    def restore():
-        for m, f in originals.items():
-            setattr(comm, m, f)
-    return got, restore
-
-
-def _tensors(objs):
-    out = []
-    for o in objs:
-        if torch.is_tensor(o):
-            out.append(o)
-        elif isinstance(o, (list, tuple)):
-            out += _tensors(o)
-    return out
 
 
 def _body(names, record_leak, variant, second_batch):

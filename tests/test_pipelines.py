@@ -8,7 +8,8 @@ import cipherdm_torch
 from cipherdm_torch import party
 from cipherdm_torch.pipelines import (SecureDDIMPipeline, SecureDDPMPipeline, SecureEDMPipeline,
                                       plaintext_edm_sample, plaintext_scheduler_sample)
-from cipherdm_torch.sampling import fidelity
+from cipherdm_torch.sampling import Noise, fidelity
+from party_views import received_recorder, tensors
 
 SHAPE = (1, 8, 8)
 LABELS = [0, 2]
@@ -47,12 +48,18 @@ def _secure_scheduler_runs(seed):
                                         "class_labels": torch.zeros(2, dtype=torch.long)})
     user_args = _user_args(seed)
     ddim = SecureDDIMPipeline(enc, DDIMScheduler(num_train_timesteps=1000))
-    out["ddim"] = ddim(batch_size=2, num_inference_steps=3, image_shape=SHAPE, progress=False,
-                       **user_args)
+    got, restore = received_recorder()
+    try:
+        out["ddim"] = ddim(batch_size=2, num_inference_steps=3, image_shape=SHAPE, progress=False,
+                           **user_args)
+    finally:
+        restore()
+    received = [] if party().is_user else [t.clone() for t in tensors(got) if t.dtype == torch.long]
     ddpm = SecureDDPMPipeline(enc, DDPMScheduler(num_train_timesteps=1000))
     out["ddpm"] = ddpm(batch_size=2, num_inference_steps=3, image_shape=SHAPE, progress=False,
                        **user_args)
-    return {k: (v.images, v.report()) for k, v in out.items()}
+    rss_backend.disable()
+    return {"received": received, **{k: (v.images, v.report()) for k, v in out.items()}}
 
 
 # Heun's correction multiplies the denoiser's error by h / (2 sigma_next): from sigma 80 straight
@@ -88,8 +95,23 @@ def _check(results, plain, steps):
             assert "unet" in rep["regions"] and "step" in rep["regions"]
 
 
+def _assert_never_received(received, secrets):
+    """No ring element a non-user party received equals a fixed-point encoding of a secret."""
+    from crypten.encoder import FixedPointEncoder
+
+    enc = FixedPointEncoder()
+    secret_codes = set(torch.cat([enc.encode(s).flatten() for s in secrets]).tolist()) - {0}
+    seen = torch.cat([t.flatten() for t in received]) if received else torch.empty(0)
+    assert seen.numel() > 1000  # the parties did talk
+    hits = sum(int(v) in secret_codes for v in seen.tolist())
+    assert hits <= 2, f"{hits} received values equal encoded secrets"
+
+
 def test_secure_ddim_and_ddpm_match_plaintext(parties):
     results = parties.run(_secure_scheduler_runs, 5)
+    x_t = Noise(5).draw((2, *SHAPE))  # the user's initial noise
+    for rank in (0, 2):  # the owner and the helper never see the noise, labels or images
+        _assert_never_received(results[rank]["received"], [x_t, results[1]["ddim"][0]])
     _check(results, {
         "ddim": plaintext_scheduler_sample(tiny_unet2d(), DDIMScheduler(num_train_timesteps=1000),
                                            2, 3, SHAPE, 5, LABELS),
