@@ -49,18 +49,10 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-@dataclass
-class EDMPrecond:
-    """EDM preconditioning with a log-normal noise-level distribution."""
+class _EDMForm:
+    """EDM's coefficients and loss weight around ``sigma_data`` (shared by both noise-level laws)."""
 
-    sigma_data: float = math.sqrt(1.0 / 3.0)
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    kind: str = "edm"
-
-    def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None, device=None):
-        z = torch.randn(n, generator=generator, device=device)
-        return (z * self.p_std + self.p_mean).exp()
+    sigma_data: float
 
     def coefficients(self, sigma):
         return edm_coefficients(sigma, self.sigma_data)
@@ -73,7 +65,21 @@ class EDMPrecond:
 
 
 @dataclass
-class VPrecond:
+class EDMPrecond(_EDMForm):
+    """EDM preconditioning with a log-normal noise-level distribution."""
+
+    sigma_data: float = math.sqrt(1.0 / 3.0)
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    kind: str = "edm"
+
+    def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None, device=None):
+        z = torch.randn(n, generator=generator, device=device)
+        return (z * self.p_std + self.p_mean).exp()
+
+
+@dataclass
+class VPrecond(_EDMForm):
     """v-prediction with sigma = tan(pi t / 2), t uniform on the logSNR range (DPDM, eps 0.2)."""
 
     sigma_data: float = 1.0
@@ -91,15 +97,6 @@ class VPrecond:
         t_lo, t_hi = self.t_range
         t = torch.rand(n, generator=generator, device=device) * (t_hi - t_lo) + t_lo
         return torch.tan(math.pi * t / 2.0)
-
-    def coefficients(self, sigma):
-        return edm_coefficients(sigma, self.sigma_data)
-
-    def loss_weight(self, sigma):
-        return edm_loss_weight(sigma, self.sigma_data)
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def make_precond(kind: str = "edm", **kw):
