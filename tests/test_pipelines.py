@@ -83,11 +83,11 @@ def _secure_edm_run(seed):
 MAX_ABS, MEAN_ABS = 0.1, 0.02
 
 
-def _check(results, plain, steps):
+def _check(results, plain, steps, error_gain=1.0):
     for kind, ref in plain.items():
         images, report = results[1][kind]  # the user
         fid = fidelity(images, ref)
-        assert fid["max_abs"] < MAX_ABS and fid["mean_abs"] < MEAN_ABS, (kind, fid)
+        assert fid["max_abs"] < MAX_ABS * error_gain and fid["mean_abs"] < MEAN_ABS, (kind, fid)
         assert results[0][kind][0] is None and results[2][kind][0] is None  # only the user sees it
         for r in results:
             rep = r[kind][1]
@@ -123,5 +123,6 @@ def test_secure_ddim_and_ddpm_match_plaintext(parties):
 @pytest.mark.slow
 def test_secure_edm_with_guidance_matches_plaintext(parties):
     results = parties.run(_secure_edm_run, 5)
+    # guidance w = 2 forms -1 * D_uncond + 2 * D_cond: the network's error grows by |1-w| + |w| = 3
     _check(results, {"edm": plaintext_edm_sample(tiny_denoiser(), 2, seed=5, class_labels=LABELS,
-                                                 **EDM_ARGS)}, steps=3)
+                                                 **EDM_ARGS)}, steps=3, error_gain=3.0)
