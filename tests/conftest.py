@@ -11,6 +11,8 @@ result, ordered by rank::
         results = parties.run(_body, torch.ones(3))
 """
 
+import os
+
 import pytest
 
 from cipherdm_torch import PartyPool
@@ -22,3 +24,15 @@ def parties():
     pool = PartyPool(world_size=3, threads=1)
     with pool:
         yield pool
+
+
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """A fresh CIPHERDM_CACHE (FID statistics, feature nets) for one test module."""
+    old = os.environ.get("CIPHERDM_CACHE")
+    os.environ["CIPHERDM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("CIPHERDM_CACHE", None)
+    else:
+        os.environ["CIPHERDM_CACHE"] = old

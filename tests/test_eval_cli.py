@@ -1,7 +1,6 @@
 """``cipherdm eval``: inputs (checkpoint, .pt, .npz), the JSON report and the sample grid."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,15 +10,7 @@ from cipherdm_torch.training import eval_cli
 from cipherdm_torch.training.evaluate import grid_by_class, load_generated, to_uint8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    old = os.environ.get("CIPHERDM_CACHE")
-    os.environ["CIPHERDM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("CIPHERDM_CACHE", None)
-    else:
-        os.environ["CIPHERDM_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_load_generated_formats(tmp_path):

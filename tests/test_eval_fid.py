@@ -1,6 +1,5 @@
 """FID: Fréchet distance closed forms, the classifier-feature FID ranking, the Inception loader."""
 
-import os
 
 import numpy as np
 import pytest
@@ -12,15 +11,7 @@ from cipherdm_torch.training.inception import (InceptionFeatures, inception_avai
                                                legacy_bilinear_resize)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    old = os.environ.get("CIPHERDM_CACHE")
-    os.environ["CIPHERDM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("CIPHERDM_CACHE", None)
-    else:
-        os.environ["CIPHERDM_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _rand_cov(rng, d, rank=None):
