@@ -2,24 +2,33 @@
 
 An activation f with f(x) -> relu(x) for |x| -> inf is evaluated as
 
-    f(x) = relu(x) + c * p_side(u),  u = 2|x|/T - 1,  b = [x < 0],  c = [x^2 < T^2]
+    f(x) = relu(x) + c * (P(u) + b * D(u)),   u = 2|x|/T - 1,  b = [x < 0],  c = [x^2 < T^2]
 
-Both bits come from ONE batched comparison (``_ltz`` of ``stack([x, x^2 - T^2])``),
-so a 4-segment function (0-ish / negative polynomial / positive polynomial /
-identity) costs one comparison round-trip and 2 comparisons per element,
-not one per breakpoint. Powers are computed in log-depth batches
-(:func:`powers`); public coefficients are then free (local). The variable u in
-[-1, 1] keeps coefficients below 1, so fixed-point rounding is not amplified;
-u^2 = 4x^2/T^2 - 4|x|/T + 1 is linear in the already computed x^2 (no extra product).
+where P is the residual polynomial for x >= 0 and D = (negative side) - P (zero
+for the even residuals of SiLU and GELU). Both bits come from ONE batched
+comparison (``_ltz`` of ``stack([x, x^2 - T^2])``), so a 4-segment function
+(0-ish / negative polynomial / positive polynomial / identity) costs one
+comparison round-trip and 2 comparisons per element, not one per breakpoint.
+
+Why it is cheap (bytes per element, replicated backend): the bits have integer
+scale, so ``b * x``, ``b * D`` and ``c * (...)`` need no truncation; powers of u
+are computed in log-depth batches (:func:`powers`); the public coefficients are
+applied as integers and the whole polynomial pays ONE truncation
+(:func:`fixed_point_combination`) instead of one per coefficient; u^2 is linear in
+the already computed x^2 and |x| (one truncation, no product). The variable u in
+[-1, 1] keeps coefficients below 1, so fixed-point rounding is not amplified.
 """
 
 from __future__ import annotations
 
 from typing import Dict, Sequence
 
-import crypten
+import torch
 
-__all__ = ["powers", "poly", "sign_window", "relu_plus_window"]
+import crypten
+from crypten.encoder import FixedPointEncoder
+
+__all__ = ["powers", "fixed_point_combination", "poly", "sign_window", "relu_plus_window"]
 
 
 def powers(s, degree: int, square=None) -> Dict[int, object]:
@@ -39,15 +48,28 @@ def powers(s, degree: int, square=None) -> Dict[int, object]:
     return pw
 
 
+def fixed_point_combination(terms: Sequence, weights: Sequence[Sequence[float]]):
+    """Stacked rows ``sum_k weights[r][k] * terms[k]`` with ONE truncation for all rows.
+
+    CrypTen multiplies a secret by a public real as encode, multiply, truncate: one
+    truncation (a communication round) per coefficient. Here every weight is
+    encoded as an integer at the encoder's precision, the products are summed
+    locally in the ring, and the sum is truncated once; the rounding error per
+    weight is the same (2^-(precision+1) times |term|).
+    """
+    scale = FixedPointEncoder()._scale
+    stacked = crypten.stack(list(terms))
+    w = torch.tensor([[int(round(c * scale)) for c in row] for row in weights], dtype=torch.long)
+    out = stacked[:1].clone()  # right encoder / type; share replaced below
+    share = stacked.share
+    out.share = torch.tensordot(w, share, dims=([1], [0]))
+    return out.div(scale)
+
+
 def poly(pw: Dict[int, object], coeffs: Sequence[float]):
-    """sum_k coeffs[k] s^k from precomputed powers (public coefficients: no communication)."""
-    out = pw[1] * float(coeffs[1])
-    for k in range(2, len(coeffs)):
-        if coeffs[k] != 0:
-            out = out + pw[k] * float(coeffs[k])
-    if coeffs[0] != 0:
-        out = out + float(coeffs[0])
-    return out
+    """sum_k coeffs[k] s^k from precomputed powers (one truncation; see above)."""
+    terms = [pw[k] for k in range(1, len(coeffs))]
+    return fixed_point_combination(terms, [list(coeffs[1:])])[0] + float(coeffs[0])
 
 
 def sign_window(x, bound: float):
@@ -60,17 +82,21 @@ def sign_window(x, bound: float):
 def relu_plus_window(x, bound: float, pos: Sequence[float], neg: Sequence[float]):
     """relu(x) + [|x| < bound] * (x >= 0 ? pos : neg)(2|x|/bound - 1); coefficients u^0 first."""
     b, c, x2 = sign_window(x, bound)
-    bx = b * x
+    bx = b * x  # integer-scale bit: no truncation
     relu = x - bx
     t = relu - bx  # |x|
     u = t * (2.0 / bound) - 1.0
+    # u^2 = 4x^2/T^2 - 4|x|/T + 1: integer weights, one division by T^2 (one truncation)
+    u2 = (x2 * 4 - t * int(round(4 * bound))).div(int(round(bound ** 2))) + 1.0 \
+        if float(bound).is_integer() else None
     degree = max(len(pos), len(neg)) - 1
-    pw = powers(u, degree, square=x2 * (4.0 / bound ** 2) - t * (4.0 / bound) + 1.0)
-    p = poly(pw, pos)
-    if list(pos) == list(neg):
+    pw = powers(u, degree, square=u2)
+    terms = [pw[k] for k in range(1, degree + 1)]
+    pos = list(pos) + [0.0] * (degree + 1 - len(pos))
+    neg = list(neg) + [0.0] * (degree + 1 - len(neg))
+    if pos == neg:
+        p = fixed_point_combination(terms, [pos[1:]])[0] + pos[0]
         return relu + c * p
-    q = poly(pw, neg)
-    # c*p and (c*b)*(q-p) in one batched multiplication round
-    cb = c * b
-    prods = crypten.stack([c, cb]) * crypten.stack([p, q - p])
-    return relu + prods[0] + prods[1]
+    diff = [q - p for p, q in zip(pos, neg)]
+    p, d = fixed_point_combination(terms, [pos[1:], diff[1:]])
+    return relu + c * (p + pos[0] + b * (d + diff[0]))

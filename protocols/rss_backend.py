@@ -13,8 +13,9 @@ How it hooks in (no CrypTen code copied, nothing in CrypTen edited):
   otherwise to CrypTen's originals.
 * ``MPCTensor.rand`` (used by ``max`` / ``argmax`` to break ties) draws replicated
   random bits from the pairwise PRGs and injects them (no B2A triples).
-* ``ArithmeticSharedTensor.clone`` and its add / sub are wrapped to carry the
-  cached replica share along (otherwise the next multiplication pays a re-share).
+* ``ArithmeticSharedTensor.clone``, its add / sub, its multiplication by a public
+  integer and ``stack`` are wrapped to carry the cached replica share along
+  (otherwise the next multiplication pays a re-share, 8 bytes per element).
 
 CrypTen's own protocols stay the default and the baseline: the patches only act
 when ``cfg.mpc.protocol == "rss"``. Select the backend with::
@@ -112,6 +113,27 @@ def _arithmetic_function(self, y, op, inplace=False, *args, **kwargs):
     return result
 
 
+def _mul_int(self, y):
+    """``x * k`` for a public integer k (no truncation); the replica is ``x_{i+1} * k``."""
+    result = _ORIG["mul"](self, y)
+    if is_active() and isinstance(y, int):
+        xn = rss_arith.cached_next(self.share)
+        if xn is not None:
+            rss_arith.remember(result.share, xn * y)
+    return result
+
+
+def _stack(tensors, *args, **kwargs):
+    """Stacked shares, and the stacked replicas when every input has one."""
+    result = _ORIG["stack"](tensors, *args, **kwargs)
+    if is_active():
+        reps = [rss_arith.cached_next(t.share) if isinstance(t, ArithmeticSharedTensor) else None
+                for t in tensors]
+        if all(r is not None for r in reps):
+            rss_arith.remember(result.share, torch.stack(reps, *args, **kwargs))
+    return result
+
+
 def install() -> None:
     """Register the ``"rss"`` protocol and the dispatching wrappers (idempotent)."""
     if _ORIG:
@@ -123,6 +145,10 @@ def install() -> None:
     _ORIG["rand"] = MPCTensor.rand
     MPCTensor.rand = staticmethod(_rand)
     _ORIG["_arithmetic_function"] = ArithmeticSharedTensor._arithmetic_function
+    _ORIG["mul"] = ArithmeticSharedTensor.mul
+    _ORIG["stack"] = ArithmeticSharedTensor.stack
+    ArithmeticSharedTensor.mul = _mul_int
+    ArithmeticSharedTensor.stack = staticmethod(_stack)
     MPCTensor._ltz = _ltz
     MPCTensor.relu = _relu
     ArithmeticSharedTensor.clone = _clone

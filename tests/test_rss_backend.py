@@ -86,3 +86,35 @@ def test_enable_disable(parties):
     for on, off, v in parties.run(_enable_disable_body):
         assert on and not off
         torch.testing.assert_close(v, torch.tensor([0.0, 2.0]))
+
+
+def _replica_carry_body(x):
+    from cipherdm_torch import CostMeter
+
+    with rss_backend.replicated_backend():
+        a = crypten.cryptensor(x) * 1.0  # truncated: replicated
+        b = crypten.cryptensor(x) * 0.5
+        out = {}
+        for name, make in (("stack", lambda: crypten.stack([a, b])),
+                           ("int_mul", lambda: a * 3),
+                           ("view", lambda: crypten.stack([a, b])[1])):
+            t = make()
+            with CostMeter() as m:
+                y = t * t  # replicated operands: only the truncation is sent (8 B per element)
+            out[name] = (m.total.bytes_sent / t.numel(), _plain(y))
+        fresh = crypten.cryptensor(x)
+        with CostMeter() as m:
+            fresh * fresh
+        out["fresh"] = (m.total.bytes_sent / x.numel(), None)
+    return out
+
+
+def test_stack_and_integer_multiply_keep_the_replica(parties):
+    x = torch.linspace(-3, 3, 64)
+    out = parties.run(_replica_carry_body, x)[0]
+    assert out["fresh"][0] == 16  # control: re-share (8) + truncation (8)
+    for name in ("stack", "int_mul", "view"):
+        assert out[name][0] == 8, (name, out[name][0])
+    torch.testing.assert_close(out["stack"][1], torch.stack([x, x / 2]) ** 2, atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["int_mul"][1], (3 * x) ** 2, atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["view"][1], (x / 2) ** 2, atol=1e-3, rtol=0)
