@@ -2,7 +2,7 @@
 
 Prints, in one three-party run, per function / variant / backend: bytes sent by
 party 0 per element, rounds, seconds, max and mean absolute error (relative for reciprocal / rsqrt) against the
-exact function on the recorded UNet input ranges (protocols/activation_ranges.json),
+exact function on the recorded UNet input ranges (protocols/recorded_ranges: both recorded models),
 then the ratios optimised / baseline. Backends: CrypTen's ``replicated`` protocol,
 and the project's dealer-free replicated backend ``rss`` (protocols.rss_backend)
 when it is present::
@@ -23,12 +23,13 @@ import torch.nn.functional as F
 import cipherdm_torch  # noqa: F401
 from cipherdm_torch import CostMeter, launch
 
-RANGES = Path(__file__).resolve().parents[1] / "protocols" / "activation_ranges.json"
-
 
 def _ranges():
-    if RANGES.exists():
-        return json.loads(RANGES.read_text())
+    from cipherdm_torch.protocols import recorded_ranges
+
+    r = recorded_ranges.load()
+    if r:
+        return r
     return {"silu": {"min": -20.0, "max": 20.0}, "softmax_logits": {"min": -10.0, "max": 10.0},
             "group_norm_variance": {"min": 1e-3, "max": 100.0}}
 

@@ -12,7 +12,7 @@ parties get ``images=None``. Timesteps and scheduler coefficients are public.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 

@@ -12,7 +12,7 @@ in the same order (:class:`Noise`) for a like-for-like fidelity check.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 

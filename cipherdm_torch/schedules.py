@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 
 __all__ = ["AffineStep", "affine_step", "apply_step", "public_clamp"]
 

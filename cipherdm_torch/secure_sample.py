@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import List, Optional
+from typing import List
 
 import torch
 

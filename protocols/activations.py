@@ -9,7 +9,6 @@ x = 0 and at |x| = T. :func:`reference` is the plaintext twin.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from . import config

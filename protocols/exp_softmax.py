@@ -22,7 +22,7 @@ import math
 import crypten
 
 from . import config
-from .reciprocal import reciprocal_scaled, to_fixed
+from .reciprocal import reciprocal_scaled
 
 __all__ = ["exp", "softmax", "row_max", "reference_exp", "reference_softmax"]
 

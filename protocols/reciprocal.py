@@ -15,7 +15,7 @@ inputs above 2^hi lose accuracy gracefully (the guess saturates).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import crypten
 import torch

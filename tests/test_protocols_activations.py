@@ -1,7 +1,5 @@
 """SiLU / Mish / GELU / GEGLU protocols in three real processes vs their plaintext twins."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,17 +9,13 @@ import cipherdm_torch  # noqa: F401
 import crypten
 
 from cipherdm_torch import CostMeter
-from cipherdm_torch.protocols import activations, config, functions as P
-
-RANGES = Path(P.__file__).with_name("activation_ranges.json")
+from cipherdm_torch.protocols import activations, config, functions as P, recorded_ranges
 
 
 def _silu_range():
-    """The recorded SiLU input range of the MNIST UNet (fallback: [-20, 20])."""
-    if RANGES.exists():
-        r = json.loads(RANGES.read_text())["silu"]
-        return r["min"], r["max"]
-    return -20.0, 20.0
+    """The recorded SiLU input range of the MNIST UNets (fallback: [-20, 20])."""
+    r = recorded_ranges.load().get("silu")
+    return (r["min"], r["max"]) if r else (-20.0, 20.0)
 
 
 def _inputs():

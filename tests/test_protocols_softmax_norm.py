@@ -1,8 +1,5 @@
 """exp / SoftMax / reciprocal / rsqrt / GroupNorm / LayerNorm in three real processes."""
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -10,17 +7,13 @@ import cipherdm_torch  # noqa: F401
 import crypten
 
 from cipherdm_torch import CostMeter
-from cipherdm_torch.protocols import config, exp_softmax, functions as P
-
-RANGES = Path(P.__file__).with_name("activation_ranges.json")
+from cipherdm_torch.protocols import config, exp_softmax, functions as P, recorded_ranges
 
 
 def _logit_scale():
     """Spread of recorded attention logits (fallback 10)."""
-    if RANGES.exists():
-        r = json.loads(RANGES.read_text())["softmax_logits"]
-        return max(abs(r["min"]), abs(r["max"]))
-    return 10.0
+    r = recorded_ranges.load().get("softmax_logits")
+    return max(abs(r["min"]), abs(r["max"])) if r else 10.0
 
 
 def _body(d):
