@@ -4,18 +4,22 @@ CrypTen starts Newton's iteration from a fixed guess, which diverges or stalls
 for inputs far from 1 (its reciprocal is wrong above ~100). Here the exponent
 k with 2^k <= x < 2^(k+1) is found first, by comparing x with every power of
 two in [2^lo, 2^hi] in ONE batched comparison (c_j = [x >= 2^j]); the one-hot
-d_j = c_j - c_(j+1) then gives the public-weight sums 2^-k and 2^(-k/2)
-without any multiplication. The mantissa m = x 2^-k lies in [1, 2), where a
-linear guess has relative error <= 1/17 (1/x) or 3.3% (1/sqrt x), and two
-Newton steps reach the fixed-point resolution. Cost per element:
-(hi - lo) comparisons (batched: rounds of one) + ~6 (1/x) or ~9 (1/sqrt x)
-multiplications. Inputs below 2^lo are treated as 2^lo-scale and stay bounded;
-inputs above 2^hi lose accuracy gracefully (the guess saturates).
+d_j = c_j - c_(j+1) (integer scale) then gives the public-weight sums 2^-k,
+2^(-k/2) and the guess's slope terms B 2^-k locally: no multiplication, no
+truncation, no round. The mantissa m = x 2^-k lies in [1, 2), where a linear
+guess has relative error <= 1/17 (1/x) or 2.2% (1/sqrt x), and two Newton steps
+reach the fixed-point resolution. Rounds: one comparison (9 on the replicated
+backend) + 1 + 2 per iteration (1/x) or 3 per iteration + 1 (1/sqrt x).
+Bytes: (hi - lo) comparisons per element, so these run on per-group / per-row
+statistics, never on whole activations. Inputs below 2^lo are treated as
+2^lo-scale and stay bounded; above 2^hi accuracy degrades gracefully (the
+guess saturates); above ~2^14 the slope weight B 2^-k has few bits and Newton's
+steps absorb the coarser guess.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import crypten
 import torch
@@ -23,7 +27,8 @@ from crypten.encoder import FixedPointEncoder
 
 from . import config
 
-__all__ = ["reciprocal", "rsqrt", "magnitude", "reciprocal_scaled", "to_fixed"]
+__all__ = ["reciprocal", "rsqrt", "magnitude", "exponent_onehot", "weigh", "reciprocal_scaled",
+           "to_fixed"]
 
 # minimax linear guesses on m in [1, 2): 1/m ~ A - B m, 1/sqrt(m) ~ C - D m
 _RECIP_A, _RECIP_B = 24 / 17, 8 / 17
@@ -41,32 +46,45 @@ def to_fixed(bits):
     return out
 
 
-def magnitude(x, lo: int, hi: int, half: bool = False):
-    """(2^-k, 2^(-k/2) if half) for 2^k <= x < 2^(k+1), k clamped to [lo, hi]; one batched comparison.
+def exponent_onehot(x, lo: int, hi: int):
+    """(d, ks): integer-scale one-hot d over ks = lo..hi of k with 2^k <= x < 2^(k+1) (clamped).
 
-    The one-hot d_k of k is a local function of the stacked bits c_j = [x >= 2^j]; the sum
-    sum_k d_k w(k) is then ONE product with a public weight tensor (one truncation, i.e. one
-    round on the replicated backend, per output instead of one per power of two). Each weight
-    is rounded to fixed point on its own, and only one d_k is 1, so the result carries a single
-    weight's rounding error.
+    One batched comparison of x with every 2^j, j in (lo, hi]; the one-hot is a local
+    function of the monotone bits c_j = [x >= 2^j]. Shape of d: (len(ks),) + x's shape.
     """
     js = list(range(lo + 1, hi + 1))
     if not js:
-        p = 2.0 ** -lo
-        return x * 0 + p, (x * 0 + 2.0 ** (-lo / 2) if half else None)
-    below = to_fixed(crypten.stack([x - 2.0 ** j for j in js])._ltz())  # [x < 2^j]
-    c = 1 - below  # c_j = [x >= 2^j], monotone in j
+        return None, [lo]
+    c = 1 - crypten.stack([x - 2.0 ** j for j in js])._ltz()  # c_j = [x >= 2^j], scale 1
     # one-hot of k: d_lo = 1 - c_(lo+1), d_j = c_j - c_(j+1), d_hi = c_hi
-    onehot = crypten.cat([1 - c[:1], c[:-1] - c[1:], c[-1:]])
-    ks = [lo] + js
-    shape = (len(ks),) + (1,) * (onehot.dim() - 1)
+    return crypten.cat([1 - c[:1], c[:-1] - c[1:], c[-1:]]), [lo] + js
 
-    def weighted(w):
-        return (onehot * torch.tensor([w(k) for k in ks]).reshape(shape)).sum(0)
 
-    p = weighted(lambda k: 2.0 ** -k)
-    q = weighted(lambda k: 2.0 ** (-k / 2)) if half else None
-    return p, q
+def weigh(d, ks, weight: Callable[[int], float], like):
+    """sum_k d_k * weight(k) as a fixed-point secret: local (no truncation, no round).
+
+    Each weight is encoded as an integer on its own and only one d_k is 1, so the
+    result carries a single weight's rounding error (exact for powers of two >= 2^-16).
+    """
+    enc = FixedPointEncoder()
+    if d is None:  # a single possible exponent: a public constant
+        return like * 0 + float(weight(ks[0]))
+    w = torch.tensor([int(round(weight(k) * enc.scale)) for k in ks], dtype=torch.long)
+    out = (d * w.reshape((len(ks),) + (1,) * (d.dim() - 1))).sum(0)
+    out.encoder = enc
+    return out
+
+
+def magnitude(x, lo: int, hi: int, half: bool = False):
+    """(2^-k, 2^(-k/2) if half) for 2^k <= x < 2^(k+1), k clamped to [lo, hi]; one batched comparison."""
+    d, ks = exponent_onehot(x, lo, hi)
+    p = weigh(d, ks, lambda k: 2.0 ** -k, x)
+    return p, (weigh(d, ks, lambda k: 2.0 ** (-k / 2), x) if half else None)
+
+
+def _range(lo, hi):
+    cfg = config.current()
+    return (cfg.magnitude_lo if lo is None else lo), (cfg.magnitude_hi if hi is None else hi)
 
 
 def reciprocal_scaled(x, lo: Optional[int] = None, hi: Optional[int] = None,
@@ -75,15 +93,16 @@ def reciprocal_scaled(x, lo: Optional[int] = None, hi: Optional[int] = None,
 
     Keeping the two factors apart lets a caller multiply by r first and by p
     last, so that 1/x is never materialised with few significant bits (softmax
-    rows with large sums).
+    rows with large sums). The mantissa m = x p and the slope term of the linear
+    guess, x (B p), are one batched product (one round).
     """
-    cfg = config.current()
-    lo = cfg.magnitude_lo if lo is None else lo
-    hi = cfg.magnitude_hi if hi is None else hi
-    iters = cfg.reciprocal_iters if iters is None else iters
-    p, _ = magnitude(x, lo, hi)
-    m = x * p
-    r = _RECIP_A - m * _RECIP_B
+    lo, hi = _range(lo, hi)
+    iters = config.current().reciprocal_iters if iters is None else iters
+    d, ks = exponent_onehot(x, lo, hi)
+    p = weigh(d, ks, lambda k: 2.0 ** -k, x)
+    pb = weigh(d, ks, lambda k: _RECIP_B * 2.0 ** -k, x)
+    m, mb = crypten.stack([p, pb]) * x
+    r = _RECIP_A - mb
     for _ in range(iters):
         r = r * (2 - m * r)
     return r, p
@@ -96,13 +115,19 @@ def reciprocal(x, lo: Optional[int] = None, hi: Optional[int] = None):
 
 
 def rsqrt(x, lo: Optional[int] = None, hi: Optional[int] = None):
-    """1 / sqrt(x) for x > 0 in [2^lo, 2^hi]."""
-    cfg = config.current()
-    lo = cfg.magnitude_lo if lo is None else lo
-    hi = cfg.magnitude_hi if hi is None else hi
-    p, q = magnitude(x, lo, hi, half=True)
-    m = x * p
-    y = _RSQRT_C - m * _RSQRT_D
-    for _ in range(cfg.rsqrt_iters):
-        y = y * (3 - m * y.square()) * 0.5
+    """1 / sqrt(x) for x > 0 in [2^lo, 2^hi].
+
+    Newton's step y (3 - m y^2) / 2 is run as y (1.5 - h y^2) with h = m / 2 taken
+    from the one-hot weights (no extra truncation for the halving): three rounds
+    per iteration; h and the slope term of the guess are one batched product.
+    """
+    lo, hi = _range(lo, hi)
+    d, ks = exponent_onehot(x, lo, hi)
+    ph = weigh(d, ks, lambda k: 2.0 ** -(k + 1), x)
+    pd = weigh(d, ks, lambda k: _RSQRT_D * 2.0 ** -k, x)
+    q = weigh(d, ks, lambda k: 2.0 ** (-k / 2), x)
+    h, md = crypten.stack([ph, pd]) * x
+    y = _RSQRT_C - md
+    for _ in range(config.current().rsqrt_iters):
+        y = y * (1.5 - h * y.square())
     return y * q
