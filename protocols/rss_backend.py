@@ -13,8 +13,8 @@ How it hooks in (no CrypTen code copied, nothing in CrypTen edited):
   otherwise to CrypTen's originals.
 * ``MPCTensor.rand`` (used by ``max`` / ``argmax`` to break ties) draws replicated
   random bits from the pairwise PRGs and injects them (no B2A triples).
-* ``ArithmeticSharedTensor.clone``, its add / sub, its multiplication by a public
-  integer and ``stack`` are wrapped to carry the cached replica share along
+* ``ArithmeticSharedTensor.clone``, its add / sub / negation, its multiplication by
+  a public integer and ``stack`` are wrapped to carry the cached replica share along
   (otherwise the next multiplication pays a re-share, 8 bytes per element).
 
 CrypTen's own protocols stay the default and the baseline: the patches only act
@@ -123,6 +123,15 @@ def _mul_int(self, y):
     return result
 
 
+def _neg_(self):
+    """In-place negation (behind ``-x`` and ``c - x``); the replica is negated too."""
+    xn = rss_arith.cached_next(self.share) if is_active() else None
+    _ORIG["neg_"](self)
+    if xn is not None:
+        rss_arith.remember(self.share, -xn)
+    return self
+
+
 def _stack(tensors, *args, **kwargs):
     """Stacked shares, and the stacked replicas when every input has one."""
     result = _ORIG["stack"](tensors, *args, **kwargs)
@@ -148,6 +157,8 @@ def install() -> None:
     _ORIG["mul"] = ArithmeticSharedTensor.mul
     _ORIG["stack"] = ArithmeticSharedTensor.stack
     ArithmeticSharedTensor.mul = _mul_int
+    _ORIG["neg_"] = ArithmeticSharedTensor.neg_
+    ArithmeticSharedTensor.neg_ = _neg_
     ArithmeticSharedTensor.stack = staticmethod(_stack)
     MPCTensor._ltz = _ltz
     MPCTensor.relu = _relu

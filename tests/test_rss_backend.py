@@ -97,6 +97,7 @@ def _replica_carry_body(x):
         out = {}
         for name, make in (("stack", lambda: crypten.stack([a, b])),
                            ("int_mul", lambda: a * 3),
+                           ("rsub", lambda: 2.5 - a),
                            ("view", lambda: crypten.stack([a, b])[1])):
             t = make()
             with CostMeter() as m:
@@ -109,12 +110,13 @@ def _replica_carry_body(x):
     return out
 
 
-def test_stack_and_integer_multiply_keep_the_replica(parties):
+def test_stack_negation_and_integer_multiply_keep_the_replica(parties):
     x = torch.linspace(-3, 3, 64)
     out = parties.run(_replica_carry_body, x)[0]
     assert out["fresh"][0] == 16  # control: re-share (8) + truncation (8)
-    for name in ("stack", "int_mul", "view"):
+    for name in ("stack", "int_mul", "rsub", "view"):
         assert out[name][0] == 8, (name, out[name][0])
     torch.testing.assert_close(out["stack"][1], torch.stack([x, x / 2]) ** 2, atol=1e-3, rtol=0)
     torch.testing.assert_close(out["int_mul"][1], (3 * x) ** 2, atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["rsub"][1], (2.5 - x) ** 2, atol=1e-3, rtol=0)
     torch.testing.assert_close(out["view"][1], (x / 2) ** 2, atol=1e-3, rtol=0)
