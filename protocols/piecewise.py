@@ -32,7 +32,7 @@ import torch
 import crypten
 from crypten.encoder import FixedPointEncoder
 
-__all__ = ["powers", "fixed_point_combination", "poly", "square_untruncated", "sign_window",
+__all__ = ["powers", "fixed_point_combination", "square_untruncated", "sign_window",
            "relu_plus_window"]
 
 
@@ -69,12 +69,6 @@ def fixed_point_combination(terms: Sequence, weights: Sequence[Sequence[float]])
     share = stacked.share
     out.share = torch.tensordot(w, share, dims=([1], [0]))
     return out.div(scale)
-
-
-def poly(pw: Dict[int, object], coeffs: Sequence[float]):
-    """sum_k coeffs[k] s^k from precomputed powers (one truncation; see above)."""
-    terms = [pw[k] for k in range(1, len(coeffs))]
-    return fixed_point_combination(terms, [list(coeffs[1:])])[0] + float(coeffs[0])
 
 
 def square_untruncated(x):

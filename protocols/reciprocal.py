@@ -27,8 +27,7 @@ from crypten.encoder import FixedPointEncoder
 
 from . import config
 
-__all__ = ["reciprocal", "rsqrt", "magnitude", "exponent_onehot", "weigh", "reciprocal_scaled",
-           "to_fixed"]
+__all__ = ["reciprocal", "rsqrt", "exponent_onehot", "weigh", "reciprocal_scaled"]
 
 # minimax linear guesses on m in [1, 2): 1/m ~ A - B m, 1/sqrt(m) ~ C - D m
 _RECIP_A, _RECIP_B = 24 / 17, 8 / 17
@@ -36,14 +35,6 @@ _RECIP_A, _RECIP_B = 24 / 17, 8 / 17
 
 # minimax relative fit of m^-1/2 on [1, 2] (max relative error 2.2%, by equal ripple)
 _RSQRT_C, _RSQRT_D = 1.26416, 0.2864
-
-
-def to_fixed(bits):
-    """0/1 comparison bits (integer encoding, scale 1) as fixed-point shares (local)."""
-    enc = FixedPointEncoder()
-    out = bits * int(enc.scale)
-    out.encoder = enc
-    return out
 
 
 def exponent_onehot(x, lo: int, hi: int):
@@ -73,13 +64,6 @@ def weigh(d, ks, weight: Callable[[int], float], like):
     out = (d * w.reshape((len(ks),) + (1,) * (d.dim() - 1))).sum(0)
     out.encoder = enc
     return out
-
-
-def magnitude(x, lo: int, hi: int, half: bool = False):
-    """(2^-k, 2^(-k/2) if half) for 2^k <= x < 2^(k+1), k clamped to [lo, hi]; one batched comparison."""
-    d, ks = exponent_onehot(x, lo, hi)
-    p = weigh(d, ks, lambda k: 2.0 ** -k, x)
-    return p, (weigh(d, ks, lambda k: 2.0 ** (-k / 2), x) if half else None)
 
 
 def _range(lo, hi):
