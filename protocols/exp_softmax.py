@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import math
 
-import crypten
 
 from . import config
 from .reciprocal import reciprocal_scaled
+from .rss_compare import pairwise_tree
 
 __all__ = ["exp", "softmax", "row_max", "reference_exp", "reference_softmax"]
 
@@ -55,20 +55,11 @@ def _square_and_keep(z, x, bound):
 
 def row_max(x, dim: int):
     """Max along ``dim`` (keepdim) by a pairwise tree: max(a, b) = b + [a >= b](a - b)."""
-    dim = dim % x.dim()
-    cur = x
-    while cur.size(dim) > 1:
-        m = cur.size(dim)
-        half = m // 2
-        a = cur.narrow(dim, 0, half)
-        b = cur.narrow(dim, half, half)
+    def larger(a, b):
         diff = a - b
-        ge = 1 - diff._ltz()
-        top = b + ge * diff
-        if m % 2:
-            top = crypten.cat([top, cur.narrow(dim, m - 1, 1)], dim=dim)
-        cur = top
-    return cur
+        return b + (1 - diff._ltz()) * diff
+
+    return pairwise_tree(x, dim, larger)
 
 
 def softmax(x, dim: int):

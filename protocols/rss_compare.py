@@ -23,7 +23,8 @@ from crypten.mpc import MPCTensor
 from . import rss_arith as ra
 from . import rss_binary as rb
 
-__all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_share"]
+__all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_share",
+           "pairwise_tree"]
 
 
 def ltz_share(x: torch.Tensor) -> torch.Tensor:
@@ -88,18 +89,25 @@ def select(bit: MPCTensor, x, y) -> MPCTensor:
     return out + y
 
 
-def max(x: MPCTensor, dim: int = -1, keepdim: bool = False) -> MPCTensor:
-    """Maximum along ``dim`` by a tournament tree: ceil(log2 n) rounds of compare + select."""
+def pairwise_tree(x, dim: int, combine):
+    """Reduce along ``dim`` (keepdim) by halves: ``combine(first half, second half)``.
+
+    ceil(log2 n) levels; an odd leftover entry is carried to the next level.
+    Backend-agnostic: ``combine`` decides which protocols run.
+    """
     dim = dim % x.dim()
     cur = x
     while cur.size(dim) > 1:
         n = cur.size(dim)
         half = n // 2
-        a = cur.narrow(dim, 0, half)
-        b = cur.narrow(dim, half, half)
-        bit = ltz(a - b)  # a < b -> take b
-        best = select(bit, b, a)
+        best = combine(cur.narrow(dim, 0, half), cur.narrow(dim, half, half))
         if n % 2:
             best = crypten.cat([best, cur.narrow(dim, n - 1, 1)], dim=dim)
         cur = best
-    return cur if keepdim else cur.squeeze(dim)
+    return cur
+
+
+def max(x: MPCTensor, dim: int = -1, keepdim: bool = False) -> MPCTensor:
+    """Maximum along ``dim`` by a tournament tree: ceil(log2 n) rounds of compare + select."""
+    cur = pairwise_tree(x, dim, lambda a, b: select(ltz(a - b), b, a))  # a < b -> take b
+    return cur if keepdim else cur.squeeze(dim % x.dim())
