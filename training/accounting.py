@@ -9,6 +9,7 @@ implementation) for cross-checks.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Iterable, List, Sequence, Tuple
 
 from opacus.accountants import create_accountant
@@ -25,6 +26,14 @@ __all__ = [
 
 ACCOUNTANTS = ("rdp", "prv")
 Segment = Tuple[float, float, int]
+
+
+@contextmanager
+def _quiet_order_warning():
+    """Opacus warns when the optimal RDP order is the largest tried; expected at large sigma."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def _check(accountant: str) -> str:
@@ -54,8 +63,7 @@ def epsilon_spent(history: Iterable[Sequence], delta: float, accountant: str = "
         return 0.0
     acc = create_accountant(mechanism=_check(accountant))
     acc.history = [tuple(h) for h in hist]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with _quiet_order_warning():
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -70,8 +78,7 @@ def noise_multiplier_for(
     """Smallest noise multiplier (to ``epsilon_tolerance``) with epsilon(steps) <= target_epsilon."""
     if not (0 < sample_rate <= 1):
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with _quiet_order_warning():
         return float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon,
