@@ -86,10 +86,17 @@ def under_torchrun() -> bool:
 
 def init_party(rank: int, world_size: int, rendezvous: str, roles: Roles = Roles(),
                crypten_config: Optional[Dict[str, Any]] = None,
-               threads: Optional[int] = None) -> PartyInfo:
-    """Join the process group through CrypTen, meter its communicator, apply settings."""
+               threads: Optional[int] = None, keys: Optional[str] = None,
+               secure: bool = True) -> PartyInfo:
+    """Join the process group, open the authenticated links, meter, apply settings.
+
+    ``keys`` is the credentials folder (:mod:`cipherdm_torch.mpc.identity`); ``secure=False``
+    keeps CrypTen's plain gloo links and MT19937 generators and exists only so that a
+    benchmark can measure what the secure links cost.
+    """
     global _PARTY
     from .crypten_compat import crypten
+    from .mpc import identity, secure_comm
 
     roles.check(world_size)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), RENDEZVOUS=rendezvous,
@@ -98,6 +105,15 @@ def init_party(rank: int, world_size: int, rendezvous: str, roles: Roles = Roles
     for key, value in (crypten_config or {}).items():
         setattr(crypten.cfg, key, value)
     crypten.init()
+    if secure:
+        if not keys:
+            raise ValueError("no party credentials: set CIPHERDM_KEYS to a folder made by "
+                             "`cipherdm keys --out DIR` (every party's .crt, this party's .key)")
+        secure_comm.setup(identity.load(keys, rank, world_size))
+    else:
+        from .mpc import prg
+
+        prg.allow_insecure_generators()
     cost.install()
     netsim.from_env()
     _PARTY = PartyInfo(rank, world_size, roles)
@@ -123,12 +139,12 @@ def _exit_with_parent(parent: int, period: float = 1.0) -> None:
 
 
 def _party_main(rank, world_size, rendezvous, roles, crypten_config, threads, tasks, results,
-                parent=None):
+                parent=None, keys=None, secure=True):
     """Body of one party process: initialise, then run tasks until told to stop."""
     if parent is not None:
         _exit_with_parent(parent)
     try:
-        init_party(rank, world_size, rendezvous, roles, crypten_config, threads)
+        init_party(rank, world_size, rendezvous, roles, crypten_config, threads, keys, secure)
         results.put((rank, "ready", None))
         while True:
             task = tasks.get()
@@ -143,6 +159,9 @@ def _party_main(rank, world_size, rendezvous, roles, crypten_config, threads, ta
         os._exit(1)
     import crypten
 
+    from .mpc import secure_comm
+
+    secure_comm.teardown()
     crypten.uninit()
 
 
@@ -169,12 +188,16 @@ class PartyPool:
     def __init__(self, world_size: int = 3, roles: Roles = Roles(),
                  crypten_config: Optional[Dict[str, Any]] = None,
                  threads: Optional[int] = None, start_timeout: float = 180.0,
-                 grace: float = 10.0):
+                 grace: float = 10.0, keys: Optional[str] = None, secure: bool = True):
+        """``keys``: a credentials folder for the parties' TLS identities; by default (local
+        processes) a throwaway set is made in a private temporary folder. ``secure=False``
+        runs on plain gloo links and CrypTen's generators: for overhead benchmarks only."""
         if world_size < 2:
             raise ValueError(f"world_size must be at least 2, got {world_size}")
         roles.check(world_size)
         self.world_size, self.roles, self.crypten_config = world_size, roles, crypten_config
         self.threads, self.start_timeout, self.grace = threads, start_timeout, grace
+        self.keys, self.secure = keys, secure
         self._procs: List[mp.Process] = []
         self._tmp: Optional[str] = None
 
@@ -185,12 +208,19 @@ class PartyPool:
         ctx = mp.get_context("spawn")
         self._tmp = tempfile.mkdtemp(prefix="cipherdm-")
         rendezvous = f"file://{self._tmp}/rendezvous"
+        keys = self.keys
+        if self.secure and keys is None:
+            from .mpc import identity
+
+            keys = os.path.join(self._tmp, "keys")
+            identity.create(keys, self.world_size)
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._procs = [
             ctx.Process(target=_party_main, daemon=True, name=f"cipherdm-party-{r}",
                         args=(r, self.world_size, rendezvous, self.roles, self.crypten_config,
-                              self.threads, self._tasks[r], self._results, os.getpid()))
+                              self.threads, self._tasks[r], self._results, os.getpid(), keys,
+                              self.secure))
             for r in range(self.world_size)]
         for p in self._procs:
             p.start()
@@ -299,7 +329,7 @@ def launch(fn: Callable, *args, world_size: int = 3, roles: Roles = Roles(),
         rank, ws = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if ws != world_size:
             raise ValueError(f"torchrun started {ws} processes but world_size={world_size}")
-        init_party(rank, ws, "env://", roles, crypten_config)
+        init_party(rank, ws, "env://", roles, crypten_config, keys=os.environ.get("CIPHERDM_KEYS"))
         results: List[Any] = [None] * ws
         results[rank] = fn(*args, **kwargs)
         return results
