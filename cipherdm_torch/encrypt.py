@@ -90,7 +90,8 @@ class EncryptedModule:
     """
 
     def __init__(self, model: torch.nn.Module, example: Dict[str, Any], public: Set[str],
-                 precision_bits: Optional[int], range_margin: Optional[float]):
+                 precision_bits: Optional[int], range_margin: Optional[float],
+                 public_params: Iterable[str] = ()):
         info = party()
         self.roles = info.roles
         self.rank = info.rank
@@ -101,6 +102,11 @@ class EncryptedModule:
         self._model = model
         self._graphs: Dict[Any, _Compiled] = {}
         self._weights: Dict[str, Any] = {}
+        self.public_params = self._publish_params(public_params)
+        # public Python numbers (a timestep) become 0-d tensors: one graph for every value
+        self._tensorize = {k for k, v in example.items() if k in self.public
+                           and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        example = {k: (torch.tensor(v) if k in self._tensorize else v) for k, v in example.items()}
         self._dtypes = {k: v.dtype for k, v in example.items() if torch.is_tensor(v)}
         self.calibration: Dict[str, float] = {}  # owner only: max |activation| per node
         with self.fixed_point():
@@ -129,6 +135,28 @@ class EncryptedModule:
         """The first exported graph (for inspection)."""
         return next(iter(self._graphs.values())).g
 
+    def _publish_params(self, patterns: Iterable[str]) -> List[str]:
+        """Parameters / buffers declared public: the owner's values are sent to every party
+        (they are public by declaration) and become graph constants. Returns their names."""
+        patterns = list(patterns or ())
+        if not patterns:
+            return []
+        named = dict(self._model.named_parameters())
+        named.update(dict(self._model.named_buffers()))
+        names = sorted(k for k in named if any(_matches(k, p) for p in patterns))
+        unused = [p for p in patterns if not any(_matches(k, p) for k in named)]
+        if unused:
+            raise ValueError(f"public_params {unused} match no parameter or buffer of "
+                             f"{type(self._model).__name__}")
+        comm = crypten.communicator.get()
+        values = {k: named[k].detach().clone() for k in names} if self.is_owner else None
+        values = comm.broadcast_obj(values, self.roles.owner)
+        if not self.is_owner:
+            with torch.no_grad():
+                for k in names:
+                    named[k].copy_(values[k])
+        return names
+
     # ------------------------------------------------------------------ export
     def _key(self, plain_inputs: Dict[str, Any]):
         """Cache key of an input signature (names, public or secret, shapes, dtypes)."""
@@ -144,11 +172,14 @@ class EncryptedModule:
         key = self._key(plain_inputs)
         if key in self._graphs:
             return self._graphs[key]
-        g = graph_mod.export_graph(self._model, plain_inputs)
+        g = graph_mod.export_graph(self._model, plain_inputs, self.public_params)
+        graph_mod.rewrite(g)
         secret = graph_mod.secret_nodes(g, self.public)
-        problems = graph_mod.unsupported_ops(g, secret)
+        graph_mod.fold_state(g, secret, g.program.state_dict if self.is_owner else None)
+        names: List[str] = []
+        problems = graph_mod.unsupported_ops(g, secret, names=names)
         if problems:
-            raise graph_mod.UnsupportedOpsError(problems)
+            raise graph_mod.UnsupportedOpsError(problems, graph_mod.hints(g, secret, names))
         one_hot = graph_mod.secret_integer_inputs(g, secret)
         self._check_same_model(g)
         compiled = _Compiled(g, secret, one_hot)
@@ -168,11 +199,10 @@ class EncryptedModule:
 
     # ------------------------------------------------------------------ weights
     def _share_weights(self, compiled: _Compiled) -> None:
-        state = compiled.g.program.state_dict
         for placeholder, target in compiled.g.state.items():
             if target in self._weights:
                 continue
-            value = state[target].detach()
+            value = _state_value(compiled, placeholder)
             if not self.is_owner:
                 value = torch.zeros(value.shape, dtype=value.dtype)  # only the size is used
             self._weights[target] = crypten.cryptensor(value.float(), src=self.roles.owner)
@@ -180,13 +210,12 @@ class EncryptedModule:
     # ------------------------------------------------------------------ calibration
     def _calibrate(self, compiled: _Compiled, example: Dict[str, Any]) -> None:
         """Owner only: plaintext pass on its example inputs; warn near the fixed-point limit."""
-        state = compiled.g.program.state_dict
         values = {}
         for n in compiled.nodes:
             if n.op != "placeholder":
                 continue
             if n.name in compiled.g.state:
-                values[n.name] = state[compiled.g.state[n.name]]
+                values[n.name] = _state_value(compiled, n.name)
             elif n.name in compiled.g.constants:
                 values[n.name] = compiled.g.constants[n.name]
             else:
@@ -245,10 +274,12 @@ class EncryptedModule:
             secret_name = name not in self.public
             if secret_name and torch.is_tensor(v):
                 raise TypeError(f"input {name!r} is secret: share it with share_input({name!r}, "
-                                f"...) on the user's rank")
+                                f"...) on the user's rank, or, if it is public (a timestep), "
+                                f"declare it with encrypt(..., public=[..., {name!r}])")
             if not secret_name and ops.is_secret(v):
                 raise TypeError(f"input {name!r} is public: pass a plain value")
-            if not secret_name and isinstance(v, (int, float)) and name in self._dtypes:
+            if not secret_name and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and name in self._dtypes:
                 inputs[name] = torch.tensor(v, dtype=self._dtypes[name])
         with self.fixed_point():
             plain = self._plain_example(inputs)
@@ -347,6 +378,27 @@ def _check_shape(node, out) -> None:
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """``public_params`` entries: exact names, module prefixes or glob patterns."""
+    import fnmatch
+
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def _state_value(compiled: _Compiled, placeholder: str) -> torch.Tensor:
+    """A secret state placeholder's plaintext value: the owner's weight or folded constant
+    (zeros of the right shape elsewhere, where only the size is used)."""
+    g = compiled.g
+    target = g.state[placeholder]
+    if target in g.folded:
+        value = g.folded[target]
+        if value is None:
+            node = next(n for n in compiled.nodes if n.name == placeholder)
+            value = torch.zeros(tuple(node.meta["val"].shape))
+        return value.detach()
+    return g.program.state_dict[target].detach()
+
+
 def _shadow(model: torch.nn.Module) -> torch.nn.Module:
     """A non-owner's stand-in: same architecture and code constants, zero secret state."""
     tensors = list(model.parameters()) + list(model.buffers())
@@ -363,8 +415,8 @@ def _shadow(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def encrypt(model: torch.nn.Module, example_inputs, *, public: Iterable[str] = graph_mod.DEFAULT_PUBLIC,
-            precision_bits: Optional[int] = None, range_margin: Optional[float] = 0.25
-            ) -> EncryptedModule:
+            precision_bits: Optional[int] = None, range_margin: Optional[float] = 0.25,
+            public_params: Iterable[str] = ()) -> EncryptedModule:
     """Convert ``model`` into an :class:`EncryptedModule` (call in every party).
 
     ``example_inputs``: a tuple of positional inputs or a dict of named ones, with the shapes
@@ -373,6 +425,10 @@ def encrypt(model: torch.nn.Module, example_inputs, *, public: Iterable[str] = g
     secret. ``precision_bits``: fixed-point fractional bits for this model (CrypTen's default
     when ``None``). ``range_margin``: warn when an activation of the owner's plaintext
     calibration pass exceeds this fraction of :func:`fixed_point_limit` (``None``: no pass).
+    ``public_params``: parameters / buffers that are public by nature (names, module prefixes
+    or glob patterns, e.g. ``["time_proj"]`` for diffusers' Gaussian Fourier projection): the
+    owner's values are sent to every party and whatever depends only on them and on public
+    inputs runs in plaintext. Never list real weights here.
     Raises :class:`~cipherdm_torch.graph.UnsupportedOpsError` listing every unsupported op
     before any secret is shared.
     """
@@ -386,4 +442,5 @@ def encrypt(model: torch.nn.Module, example_inputs, *, public: Iterable[str] = g
     model = model.eval()
     if info.rank != info.roles.owner:
         model = _shadow(model)
-    return EncryptedModule(model, example, set(public), precision_bits, range_margin)
+    return EncryptedModule(model, example, set(public), precision_bits, range_margin,
+                           public_params)

@@ -548,13 +548,42 @@ register(aten.stack.default, kind="shape")(_join_op(aten.stack.default))
 
 
 def _pad_check(node):
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    return None if not mode else f"constant padding with value {mode} (only 0)"
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    if node.target is aten.pad.default and mode not in ("constant", "reflect", "replicate",
+                                                         "circular"):
+        return f"padding mode {mode!r}"
+    return None
+
+
+def _pad_value_mask(x, pad, value):
+    """Public tensor: ``value`` on the positions that padding adds, 0 elsewhere."""
+    ones = torch.ones(tuple(x.size()))
+    return (1.0 - aten.constant_pad_nd(ones, list(pad), 0.0)) * float(value)
 
 
 @register(aten.constant_pad_nd.default, kind="shape", check=_pad_check)
-def _pad(x, pad, value=0):
-    return local(x, lambda s: aten.constant_pad_nd(s, pad, 0))
+def _constant_pad(x, pad, value=0):
+    x = lift(x)
+    out = local(x, lambda s: aten.constant_pad_nd(s, list(pad), 0))
+    return out if not value else out + _pad_value_mask(x, pad, value)
+
+
+@register(aten.pad.default, kind="shape", check=_pad_check)
+def _pad(x, pad, mode="constant", value=None):
+    if mode == "constant":
+        return _constant_pad(x, pad, value or 0)
+    # reflect / replicate / circular: gather positions; the index map comes from padding a
+    # float tensor of positions (exact below 2^53), since torch pads no int64 in those modes.
+    x = lift(x)
+    shape = tuple(x.size())
+    pos = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+    batch = pos.dim() - len(pad) // 2
+    if batch < 1:  # torch's reflect / replicate pads want a leading batch or channel dim
+        pos = pos.unsqueeze(0)
+    index = aten.pad(pos, list(pad), mode).round().long()
+    if batch < 1:
+        index = index.squeeze(0)
+    return local(x, lambda s: s.reshape(-1)[index.reshape(-1)].reshape(index.shape))
 
 
 @register(aten.index_select.default, kind="shape")
@@ -591,3 +620,116 @@ def _avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False,
 @register(aten.adaptive_avg_pool2d.default, kind="pool")
 def _adaptive_avg_pool2d(x, output_size):
     return x.adaptive_avg_pool2d(output_size)
+
+
+# ------------------------------------------------------------------ comparisons (relu based)
+#
+# Each runs on the active backend's comparison (CrypTen's or the replicated one): clamp and
+# hardtanh as relus of shifted copies, evaluated in one batched comparison; leaky_relu as a
+# public blend of x and relu(x); max pooling as a tournament of max(a, b) = a + relu(b - a).
+
+def _relus(*xs):
+    """relu of several equally shaped secrets in one batched comparison."""
+    if len(xs) == 1:
+        return [xs[0].relu()]
+    stacked = crypten.stack(list(xs))
+    out = stacked.relu()
+    return [out[i] for i in range(len(xs))]
+
+
+def _bounds_check(node):
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    if lo is None and hi is None:
+        return "clamp without bounds"
+    for b in (lo, hi):
+        if b is not None and not isinstance(b, (int, float)):
+            return "a secret or tensor bound (only public scalar bounds)"
+    return None
+
+
+def _clamp_secret(x, lo=None, hi=None):
+    if lo is not None and hi is not None:
+        if hi < lo:
+            return x * 0.0 + float(hi)  # torch: min(max(x, lo), hi) = hi everywhere
+        a, b = _relus(x - float(lo), x - float(hi))
+        return a - b + float(lo)   # lo + relu(x - lo) - relu(x - hi)
+    if lo is not None:
+        return _relus(x - float(lo))[0] + float(lo)
+    return -_relus(-x + float(hi))[0] + float(hi)  # hi - relu(hi - x)
+
+
+@register(aten.clamp.default, kind="relu", check=_bounds_check)
+def _clamp(x, min=None, max=None):
+    return _clamp_secret(x, min, max)
+
+
+@register(aten.clamp_min.default, kind="relu")
+def _clamp_min(x, min):
+    return _clamp_secret(x, float(min), None)
+
+
+@register(aten.clamp_max.default, kind="relu")
+def _clamp_max(x, max):
+    return _clamp_secret(x, None, float(max))
+
+
+@register(aten.hardtanh.default, kind="relu")
+def _hardtanh(x, min_val=-1.0, max_val=1.0):
+    return _clamp_secret(x, float(min_val), float(max_val))
+
+
+@register(aten.relu6.default, kind="relu")
+def _relu6(x):
+    return _clamp_secret(x, 0.0, 6.0)
+
+
+@register(aten.leaky_relu.default, kind="relu")
+def _leaky_relu(x, negative_slope=0.01):
+    a = float(negative_slope)
+    r = x.relu()
+    return r if a == 0 else x * a + r * (1.0 - a)   # a*x + (1-a)*relu(x)
+
+
+def _max_pool_check(node):
+    args = list(node.args) + [None] * 6
+    dilation = args[4] if args[4] is not None else node.kwargs.get("dilation", 1)
+    ceil_mode = args[5] if args[5] is not None else node.kwargs.get("ceil_mode", False)
+    if dilation not in (1, [1, 1], (1, 1)):
+        return "dilation other than 1"
+    if ceil_mode:
+        return "ceil_mode=True"
+    return None
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+
+_POOL_PAD = -(2.0 ** 12)  # stands in for -inf on padded positions (far below activations)
+
+
+def _max_tree(x, dim):
+    """Maximum along ``dim`` by halves: ceil(log2 n) batched comparisons."""
+    while x.size(dim) > 1:
+        n = x.size(dim)
+        half = n // 2
+        a, b = x.narrow(dim, 0, half), x.narrow(dim, half, half)
+        best = a + (b - a).relu()
+        if n % 2:
+            best = crypten.cat([best, x.narrow(dim, n - 1, 1)], dim=dim)
+        x = best
+    return x.squeeze(dim)
+
+
+@register(aten.max_pool2d.default, kind="pool", check=_max_pool_check)
+def _max_pool2d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride) if stride not in (None, (), []) else (kh, kw)
+    ph, pw = _pair(padding)
+    x = lift(x)
+    if ph or pw:
+        x = _constant_pad(x, [pw, pw, ph, ph], _POOL_PAD)
+    win = local(x, lambda s: s.unfold(-2, kh, sh).unfold(-2, kw, sw).contiguous())
+    win = win.reshape(*win.size()[:-2], kh * kw)
+    return _max_tree(win, -1)
