@@ -15,6 +15,8 @@ COMMANDS = {
               "train a diffusion model with DP-SGD (DPDM)"),
     "eval": ("cipherdm_torch.training.eval_cli", [],
              "evaluate a trained model: downstream accuracy, FID"),
+    "keys": ("cipherdm_torch.mpc.identity", [],
+             "create the parties' TLS identities (one key and pinned certificate per party)"),
     "account": ("cipherdm_torch.training.cli", ["account"],
                 "noise multiplier for (epsilon, delta), or epsilon for a noise multiplier"),
 }

@@ -174,7 +174,9 @@ def _pickle_task(fn: Callable, args: tuple, kwargs: dict) -> bytes:
 
 
 _COMM_ERRORS = ("Connection closed by peer", "Connection reset", "Broken pipe", "Gloo",
-                "gloo", "Timed out", "ECONNRESET")
+                "gloo", "Timed out", "ECONNRESET",
+                # secure links (cipherdm_torch.mpc.channel): a peer went away or stopped the run
+                "closed (the party stopped", "stopped the run (")
 
 
 class PartyPool:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from cipherdm_torch.mpc import identity
+
 JOB = textwrap.dedent("""
     import sys, torch, cipherdm_torch, crypten
 
@@ -33,12 +35,23 @@ def test_parties_as_separate_torchrun_launches(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(JOB)
     port = _free_port()
+    keys = tmp_path / "keys"
+    identity.create(str(keys))
+    hosts = []
+    for rank in range(3):  # each host gets every certificate and only its own key
+        host = tmp_path / f"host{rank}"
+        host.mkdir()
+        for r in range(3):
+            (host / f"party{r}.crt").write_bytes((keys / f"party{r}.crt").read_bytes())
+        (host / f"party{rank}.key").write_bytes((keys / f"party{rank}.key").read_bytes())
+        hosts.append(host)
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=3", "--nproc-per-node=1",
          f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
          str(script), str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in range(3)]
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CIPHERDM_KEYS": str(hosts[rank])})
+        for rank in range(3)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
     squares = json.loads((tmp_path / "node1.txt").read_text())  # the user (rank 1)

@@ -7,6 +7,8 @@ import textwrap
 import time
 
 import pytest
+
+from cipherdm_torch.mpc import identity
 import torch
 
 import cipherdm_torch
@@ -115,8 +117,10 @@ def test_same_code_runs_under_torchrun(tmp_path):
     """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
            "--nproc-per-node=3", str(script), str(tmp_path)]
+    identity.create(str(tmp_path / "keys"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "CIPHERDM_KEYS": str(tmp_path / "keys")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in range(3):
         assert (tmp_path / f"result{r}.txt").read_text() == "[0.0, 2.0, 4.0, 6.0]"
