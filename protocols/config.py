@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-__all__ = ["Settings", "FUNCTIONS", "VARIANTS", "use", "current"]
+__all__ = ["Settings", "FUNCTIONS", "VARIANTS", "TRUNCATIONS", "use", "current"]
 
 VARIANTS = ("baseline", "optimised")
+TRUNCATIONS = ("exact", "probabilistic")
 FUNCTIONS = ("silu", "mish", "gelu", "exp", "softmax", "reciprocal", "rsqrt",
              "group_norm", "layer_norm")
 
@@ -51,6 +52,11 @@ class Settings:
     rsqrt_iters: int = 2
     # softmax row max: "tree" (pairwise, n - 1 comparisons per row) or CrypTen's max
     softmax_max_method: str = "tree"  # "tree" (pairwise, n-1 comparisons) or "crypten"
+    # rss backend fixed-point truncation: "exact" (P2-assisted, error <= 1 unit for |x| < 2^62,
+    # 2 rounds, 16/16/32 B per element sent by P0/P1/P2) or "probabilistic" (ABY3's two-share
+    # truncation, 1 round, 8 B per party, wrong by ~2^64/y with probability ~|x|/2^64;
+    # for benchmarks only)
+    truncation: str = "exact"
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -81,6 +87,8 @@ def use(variant: Optional[str] = None, **knobs) -> Iterator[Settings]:
             raise TypeError(f"unknown protocol setting {key!r}; known: {sorted(fields)}")
         if key in FUNCTIONS:
             _check_variant(key, value)
+        if key == "truncation" and value not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {value!r}")
         changes[key] = value
     _STACK.append(current().replace(**changes))
     try:

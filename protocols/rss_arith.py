@@ -5,32 +5,78 @@ shares ``x = x_0 + x_1 + x_2 (mod 2^64)``; party ``i`` keeps ``x_i`` as the
 ``share`` of CrypTen's :class:`ArithmeticSharedTensor` (so every local CrypTen op,
 ``get_plain_text`` and the other developers' code keep working unchanged) and,
 *when it has it*, the replica ``x_{i+1}`` cached on the share tensor itself
-(:func:`cached_next` / :func:`remember`). The cache is valid only while the
-share tensor is the same object at the same ``_version``; any CrypTen op that
-builds a new share or edits it in place silently invalidates it, and the next
-multiplication then re-shares on demand (:func:`replicate`: every party sends
-its ``x_i`` to the previous party, 8 bytes per element, one round).
+(:func:`cached_next` / :func:`remember`). When a multiplication finds no replica it
+re-shares on demand (:func:`replicate`: every party sends its ``x_i`` to the previous
+party, 8 bytes per element, one round).
+
+Replica rule (why every party takes the same communication decision): a party
+sends or skips a re-share only according to :func:`cached_next`, which answers from
+exactly two facts: a replica was attached to this tensor object by :func:`remember`,
+and the object has not been modified in place since (``_version``). It never looks
+at memory layout, strides, contiguity, storage or a view's ``_base`` (those differ
+between parties: before issue 13 a view inherited its base's replica only when the
+base was contiguous, and a truncation output was contiguous on party 2 only, so
+party 2 skipped a re-share the others made and gloo aborted). Replicas are attached
+only by code that runs identically on all parties: the protocols here (truncation,
+re-share), and the share-wise wrappers of :mod:`.rss_backend` / ``cipherdm_torch.ops``
+(view, index, permute, stack, cat, add, sub, negation, integer multiple, ...), which
+attach one exactly when every input had one, on every party, and check only shapes.
+The only share edits CrypTen makes on one party alone (party 0 adding a public value
+in place: ``add_`` / ``sub_`` / ``index_add_`` / ``scatter_add_``) are wrapped to
+re-attach (add / sub) or drop (the others) the replica on every party. So by
+induction over the program (the same on every party) the answer of
+:func:`cached_next`, hence whether a party sends, is the same on all three parties.
+Every share this module returns is contiguous, on every party.
 
 Multiplication of replicated ``x, y``: party ``i`` computes locally
 ``z_i = x_i y_i + x_i y_{i+1} + x_{i+1} y_i + alpha_i`` where ``alpha`` is a
-pseudo-random sharing of zero from CrypTen's pairwise PRG seeds
-(``crypten.generators["next"]`` is shared with party ``i+1``, ``["prev"]`` with
-``i-1``). ``z`` is a fresh, uniformly re-randomised 3-out-of-3 sharing that
-costs *no* communication; it becomes replicated either by :func:`truncate`
-(fixed-point products, one element sent per party) or lazily by the next
-operation that needs the replica. No dealer and no Beaver triple is involved.
+pseudo-random sharing of zero from the pairwise streams (``"next"`` is shared with
+party ``i+1``, ``"prev"`` with ``i-1``). ``z`` is a fresh, uniformly re-randomised
+3-out-of-3 sharing that costs *no* communication; it becomes replicated either by
+:func:`truncate` (fixed-point products) or lazily by the next operation that needs
+the replica. No dealer and no Beaver triple is involved.
 
-Truncation (:func:`truncate_shares`, ABY3's share truncation): P2 hands ``z_2``
-to P1, so P0 holds ``a = z_0`` and P1 holds ``b = z_1 + z_2`` with ``a`` uniform;
-each divides locally (floor), P1 masks with ``r`` (PRG shared by P1 and P2) and
-the three new shares ``(a >> d, (b >> d) - r, r)`` are made replicated by
-P0 -> P2 and P1 -> P0. Cost: one element sent per party, two message hops (each
-party waits once). Error: the result is ``floor(x / 2^d)`` or one less (at most
-one unit in the last place, 2^-16 with CrypTen's default 16 fractional bits),
-except with probability about ``|x| / 2^64`` (``x`` the encoded product; for a
-product of magnitude 2^k at 16 fractional bits: 2^(k-32)) where it is off by
-about 2^(64-d) (a wrap of the two-party shares). CrypTen's own truncation has the
-same failure rate.
+Truncation (:func:`truncate_shares`), ``method="exact"`` (the default,
+``protocols.config`` field ``truncation``): divides the 3-out-of-3 sharing ``z`` of
+``x`` by a public ``y`` (int or long tensor, 1 <= y < 2^62) with P2 as a helper that
+only sends. Requires ``-2^62 <= x < 2^62 - y``; P0 adds the public offset
+``B = y * ceil(2^62 / y)`` (a multiple of ``y``, ``2^62`` for a power of two), so
+``x' = x + B`` lies in ``[0, 2^63)``.
+
+* Randomness: ``r = r_a + r_b`` with ``r_a`` from the P0-P2 stream and ``r_b`` from
+  the P1-P2 stream. P2 knows ``r`` and computes ``Q = floor(r / y)`` and
+  ``M = msb(r)`` (``r`` read unsigned); P0's shares ``q0, m0`` of them come from the
+  P0-P2 stream.
+* Round 1 (independent messages): P0 -> P1 ``z_0 + B + r_a``; P1 -> P0 ``z_1``;
+  P2 -> P0 ``z_2 + r_b``; P2 -> P1 ``(z_2, Q - q0, M - m0)``. P0 and P1 both learn
+  ``c = x' + r mod 2^64``, uniform to each of them; P2 receives nothing.
+* Since ``x' < 2^63``, ``x' + r`` wrapped past 2^64 iff ``msb(r) = 1`` and
+  ``msb(c) = 0``: the wrap bit ``w = M (1 - msb(c))`` is linear in the sharing of
+  ``M``. With unsigned floor divisions (:func:`udiv`, exact on int64 bit patterns)
+  ``floor(x' / y) = udiv(c, y) - Q + w udiv(2^64, y) + e``, ``e`` in {-1, 0, +1}
+  (in {-1, 0} for a power-of-two ``y``). P0 holds
+  ``o0 = udiv(c, y) - q0 + (1 - msb c) m0 udiv(2^64, y) - B / y`` and P1
+  ``o1 = -(Q - q0) + (1 - msb c) (M - m0) udiv(2^64, y)``; ``o0 + o1 = floor(x / y) - e``.
+* Round 2 (re-randomised replicated output): ``t0`` from the P0-P2 stream, ``t2`` from
+  the P1-P2 stream, ``t1 = o0 + o1 - t0 - t2``: P0 sends ``o0 - t0`` to P1, P1 sends
+  ``o1 - t2`` to P0, P2 sends nothing; party ``i`` ends with ``(t_i, t_{i+1})``.
+
+Error: at most one unit in the last place, always (no wrap failure); for a
+power-of-two ``y`` the result is ``floor(x / y)`` or ``floor(x / y) + 1``, the latter
+with probability ``frac(x / y)`` (unbiased stochastic rounding). Security
+(semi-honest, one corruption): every element P0 or P1 receives is masked by a stream
+value it does not hold (``r_b`` / ``r_a``, ``q0``, ``m0``, ``t0`` / ``t2``); P2 receives
+nothing. Cost per element: P0 and P1 send 2 elements (16 B), P2 sends 4 (32 B), 2
+rounds (before issue 13 it was 8 B per party, one round, and failed as below).
+
+``method="probabilistic"`` (ABY3's two-share truncation, kept for benchmarks): P2
+hands ``z_2`` to P1, P0 holds ``a = z_0`` and P1 ``b = z_1 + z_2``, each divides
+locally, P1 masks with the P1-P2 stream. 8 B per party, one round, error one unit,
+except with probability about ``|x| / 2^64`` per element (``x`` the encoded value
+before the division, e.g. ``2^(k+32)`` for a product of magnitude ``2^k`` at 16
+fractional bits: ``2^(k-32)``) where it is off by ``2^64 / y`` (``2^32`` in real
+units after a product truncation). That failure is what ruined one forward in
+fourteen in issue 13 (measured by ``bench/bench_truncation.py``).
 
 This module is also the CrypTen ``protocol`` named ``"rss"`` (see
 :mod:`cipherdm_torch.protocols.rss_backend`): it exposes ``mul``, ``matmul``,
@@ -49,10 +95,10 @@ import crypten
 import crypten.communicator as comm
 
 __all__ = [
-    "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "replicate",
+    "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "replicate",
     "replicate_many", "local_product", "truncate_shares", "reshare_output", "transcript",
     "mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "square",
-    "truncate",
+    "truncate", "udiv",
 ]
 
 RING_BITS = 64
@@ -129,25 +175,32 @@ def exchange(sends: Sequence[Tuple[torch.Tensor, int]], recvs: Sequence[Tuple[to
 # ---------------------------------------------------------------- replica cache
 
 def cached_next(share: torch.Tensor) -> Optional[torch.Tensor]:
-    """The replica ``x_{i+1}`` of ``share`` if it is still valid, else None."""
+    """The replica ``x_{i+1}`` of ``share`` if it is still valid, else None.
+
+    Valid means: attached to this very tensor object by :func:`remember` and the
+    tensor not modified in place since (``_version``). Nothing else is looked at:
+    not the memory layout, not a view's base (a view gets a replica only from the
+    op that made it, which applies the same view to the replica). See "Replica
+    rule" in the module docstring for why this is the same on every party.
+    """
     entry = getattr(share, _CACHE_ATTR, None)
     if entry is not None and entry[0] == share._version:
         return entry[1]
-    base = share._base
-    if base is None:
-        return None
-    entry = getattr(base, _CACHE_ATTR, None)
-    # a view of a cached contiguous tensor: the same view of its (contiguous) replica
-    if (entry is not None and entry[0] == base._version and base.is_contiguous()
-            and base.storage_offset() == 0 and entry[1].is_contiguous()
-            and entry[1].shape == base.shape):
-        return entry[1].as_strided(share.size(), share.stride(), share.storage_offset())
     return None
 
 
 def remember(share: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
     """Attach the replica ``nxt`` to ``share`` (valid until ``share`` changes)."""
+    if nxt.shape != share.shape:
+        raise ValueError(f"replica shape {tuple(nxt.shape)} != share shape {tuple(share.shape)}")
     setattr(share, _CACHE_ATTR, (share._version, nxt))
+    return share
+
+
+def forget(share: torch.Tensor) -> torch.Tensor:
+    """Drop the replica of ``share`` (on every party: call it on a party-independent path)."""
+    if getattr(share, _CACHE_ATTR, None) is not None:
+        setattr(share, _CACHE_ATTR, None)
     return share
 
 
@@ -178,7 +231,7 @@ def local_product(op: Callable, x: torch.Tensor, x_next: torch.Tensor, y: torch.
                   y_next: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Re-randomised 3-out-of-3 share of ``op(x, y)`` for a bilinear ``op`` (no communication)."""
     z = op(x, y + y_next, *args, **kwargs) + op(x_next, y, *args, **kwargs)
-    return z + zero_share(z.size(), device=z.device)
+    return (z + zero_share(z.size(), device=z.device)).contiguous()
 
 
 def reshare_output(z: torch.Tensor) -> torch.Tensor:
@@ -186,23 +239,123 @@ def reshare_output(z: torch.Tensor) -> torch.Tensor:
     return replicate(z)
 
 
-def _divide(v: torch.Tensor, y) -> torch.Tensor:
-    if isinstance(y, int) and y > 0 and y & (y - 1) == 0:
+# ---------------------------------------------------------------- unsigned division helpers
+
+_LOW63 = (1 << 63) - 1
+
+
+def _signed(v: int) -> int:
+    """The int64 bit pattern of the non-negative Python integer ``v`` (taken mod 2^64)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _is_pow2(y) -> bool:
+    return isinstance(y, int) and y > 0 and y & (y - 1) == 0
+
+
+def udiv(v: torch.Tensor, y) -> torch.Tensor:
+    """``floor(u / y)`` for the unsigned 64-bit value ``u`` whose bit pattern is the int64 ``v``.
+
+    ``y`` is a positive Python int or a positive long tensor broadcastable with ``v``
+    (below 2^63). The result is returned as an int64 bit pattern (mod 2^64; it only
+    exceeds 2^63 when y = 1). Exact: u = 2h + b with h = u >> 1 < 2^63, h = q y + rem,
+    so floor(u / y) = 2q + [2 rem + b >= y], the comparison written as
+    ``rem >= y - rem - b`` so nothing overflows.
+    """
+    if _is_pow2(y):
+        d = y.bit_length() - 1
+        return v.clone() if d == 0 else (v >> d) & ((1 << (64 - d)) - 1)
+    h = (v >> 1) & _LOW63
+    q = torch.div(h, y, rounding_mode="floor")
+    rem = h - q * y
+    return 2 * q + (rem >= y - rem - (v & 1)).to(torch.long)
+
+
+def _ring_quotient(y):
+    """``floor(2^64 / y)`` as an int64 pattern (int or long tensor, like ``y``)."""
+    if isinstance(y, int):
+        return _signed((1 << 64) // y)
+    ones = torch.full_like(y, -1)  # 2^64 - 1
+    q = udiv(ones, y)
+    rem = ones - q * y  # (2^64 - 1) mod y, in [0, y)
+    return q + (rem == y - 1).to(torch.long)  # y divides 2^64: one more
+
+
+def _offset_quotient(y):
+    """``ceil(2^62 / y)``: the offset ``B = y * ceil(2^62 / y)`` is a multiple of y in [2^62, 2^62 + y)."""
+    if isinstance(y, int):
+        return -(-(1 << 62) // y)
+    return torch.div(torch.full_like(y, (1 << 62) - 1), y, rounding_mode="floor") + 1
+
+
+def _floor_div(v: torch.Tensor, y) -> torch.Tensor:
+    """Signed floor division of int64 ``v`` by a positive int / long tensor (exact)."""
+    if _is_pow2(y):
         return v >> (y.bit_length() - 1)
     return torch.div(v, y, rounding_mode="floor")
 
 
-def truncate_shares(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Divide the additive sharing ``z`` by the public positive integer ``y``.
+# ---------------------------------------------------------------- truncation
 
-    Returns this party's new share and its replica (replicated output, re-randomised).
+TRUNCATION_BOUND = 1 << 62  # exact truncation needs |x| < 2^62 - y before the division
+
+
+def _truncate_exact(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact truncation with P2 as helper (see the module docstring): 2 rounds.
+
+    Pairwise streams: P0-P2 is P0's "prev" and P2's "next" (draws r_a, q0, m0, t0 in
+    this order on both), P1-P2 is P1's "next" and P2's "prev" (draws r_b, t2).
     """
     rank, _ = _rank_ws()
-    if torch.is_tensor(y):
-        z = z.expand(torch.broadcast_shapes(z.shape, y.shape)).contiguous()
+    size, dev = z.size(), z.device
+    kb = _offset_quotient(y)  # P0 adds B = y * kb, the quotient loses exactly kb
+    if rank == 0:
+        r_a = rand_ring(size, "prev", dev)
+        q0 = rand_ring(size, "prev", dev)
+        m0 = rand_ring(size, "prev", dev)
+        z1, masked2 = torch.empty_like(z), torch.empty_like(z)
+        masked0 = z + y * kb + r_a
+        exchange([(masked0, 1)], [(z1, 1), (masked2, 2)])
+        c = masked0 + z1 + masked2  # x + B + r (mod 2^64)
+        keep = (c >= 0).to(torch.long)  # 1 - msb(c): with msb(r) = 1 the sum wrapped
+        o0 = udiv(c, y) - q0 + keep * m0 * _ring_quotient(y) - kb
+        t0 = rand_ring(size, "prev", dev)
+        mine, other = o0 - t0, torch.empty_like(z)
+        exchange([(mine, 1)], [(other, 1)])
+        return t0, mine + other
+    if rank == 1:
+        r_b = rand_ring(size, "next", dev)
+        masked0 = torch.empty_like(z)
+        from2 = torch.empty((3,) + tuple(size), dtype=z.dtype, device=dev)
+        exchange([(z, 0)], [(masked0, 0), (from2, 2)])
+        z2, dq, dm = from2.unbind(0)
+        c = masked0 + z + z2 + r_b
+        keep = (c >= 0).to(torch.long)
+        o1 = keep * dm * _ring_quotient(y) - dq
+        t2 = rand_ring(size, "next", dev)
+        mine, other = o1 - t2, torch.empty_like(z)
+        exchange([(mine, 0)], [(other, 0)])
+        return other + mine, t2
+    r_a = rand_ring(size, "next", dev)
+    q0 = rand_ring(size, "next", dev)
+    m0 = rand_ring(size, "next", dev)
+    r_b = rand_ring(size, "prev", dev)
+    r = r_a + r_b
+    big_q, big_m = udiv(r, y), (r < 0).to(torch.long)
+    exchange([(z + r_b, 0), (torch.stack([z, big_q - q0, big_m - m0]), 1)], [])
+    t0 = rand_ring(size, "next", dev)
+    t2 = rand_ring(size, "prev", dev)
+    return t2, t0
+
+
+def _truncate_probabilistic(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ABY3's two-share truncation (benchmarks only): wrong by about 2^64 / y with
+    probability about |x| / 2^64 per element."""
+    rank, _ = _rank_ws()
     size, dev = z.size(), z.device
     if rank == 0:
-        t0 = _divide(z, y)
+        t0 = _floor_div(z, y).contiguous()
         t1 = torch.empty_like(t0)
         exchange([(t0, 2)], [(t1, 1)])
         return t0, t1
@@ -210,13 +363,49 @@ def truncate_shares(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Tensor]:
         z2 = torch.empty_like(z)
         exchange([], [(z2, 2)])
         r = rand_ring(size, "next", dev)
-        t1 = _divide(z + z2, y) - r
+        t1 = _floor_div(z + z2, y) - r
         exchange([(t1, 0)], [])
         return t1, r
     r = rand_ring(size, "prev", dev)
     t0 = torch.empty_like(z)
     exchange([(z, 1)], [(t0, 0)])
     return r, t0
+
+
+def _truncation_method() -> str:
+    from . import config
+
+    return config.current().truncation
+
+
+def truncate_shares(z: torch.Tensor, y, method: Optional[str] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Divide the additive sharing ``z`` by the public positive integer ``y`` (int or long
+    tensor broadcastable with ``z``).
+
+    Returns this party's new share and its replica (replicated output, re-randomised),
+    both contiguous on every party. ``method`` is ``"exact"`` (default, from
+    ``protocols.config``: error at most one unit for |x| < 2^62) or ``"probabilistic"``
+    (ABY3's, benchmarks only).
+    """
+    method = _truncation_method() if method is None else method
+    if torch.is_tensor(y):
+        if y.numel() == 1:
+            y = int(y.item())
+        else:
+            y = y.to(torch.long)
+            z = z.expand(torch.broadcast_shapes(z.shape, y.shape))
+    if isinstance(y, int):
+        if y <= 0 or y >= TRUNCATION_BOUND:
+            raise ValueError(f"truncation needs a divisor in [1, 2^62), got {y}")
+    elif bool((y <= 0).any()) or bool((y >= TRUNCATION_BOUND).any()):
+        raise ValueError("truncation needs divisors in [1, 2^62)")
+    z = z.contiguous()
+    if method == "exact":
+        return _truncate_exact(z, y)
+    if method == "probabilistic":
+        return _truncate_probabilistic(z, y)
+    raise ValueError(f"unknown truncation method {method!r}; use 'exact' or 'probabilistic'")
 
 
 # ---------------------------------------------------------------- CrypTen protocol interface
@@ -258,20 +447,33 @@ def square(x):
     xn = replicate(xs)
     result = x.shallow_copy()
     z = xs * (xs + 2 * xn)  # x_i^2 + 2 x_i x_{i+1}: the three cross terms of x^2
-    result.share = z + zero_share(z.size(), device=z.device)
+    result.share = (z + zero_share(z.size(), device=z.device)).contiguous()
     return result
 
 
 def truncate(x, y):
-    """In-place division of CrypTen share ``x`` by a public integer (scalar or tensor)."""
+    """In-place division of CrypTen share ``x`` by a public nonzero integer (scalar or tensor).
+
+    A negative divisor divides by ``|y|`` and negates (locally, share and replica).
+    """
     if torch.is_tensor(y):
         if y.numel() == 1:
             y = int(y.item())
         else:
             y = y.to(torch.long)
-    if isinstance(y, int) and y <= 0:
-        raise ValueError(f"truncation needs a positive divisor, got {y}")
-    share, nxt = truncate_shares(x.share, y)
+    if isinstance(y, int):
+        if y == 0:
+            raise ZeroDivisionError("truncation by zero")
+        sign, mag = (-1 if y < 0 else 1), abs(y)
+    else:
+        if bool((y == 0).any()):
+            raise ZeroDivisionError("truncation by a divisor tensor containing zero")
+        sign, mag = (None if bool((y > 0).all()) else torch.sign(y)), y.abs()
+    share, nxt = truncate_shares(x.share, mag)
+    if isinstance(sign, int) and sign < 0:
+        share, nxt = -share, -nxt
+    elif torch.is_tensor(sign):
+        share, nxt = (share * sign).contiguous(), (nxt * sign).contiguous()
     x.share = share
     remember(x.share, nxt)
     return x

@@ -143,6 +143,88 @@ def _stack(tensors, *args, **kwargs):
     return result
 
 
+# share-wise ops that act the same way on every party's share: the replica gets the same op
+_SHAREWISE = ("__getitem__", "expand", "flatten", "flip", "gather", "index_select", "narrow",
+              "permute", "repeat", "reshape", "roll", "squeeze", "sum", "cumsum", "t", "take",
+              "trace", "transpose", "unfold", "unsqueeze", "view", "_sum_pool2d")
+_SHAREWISE_MANY = ("split", "unbind")
+# in-place ops that CrypTen runs on party 0 only for a public operand: the replica is dropped
+# on every party (without this, party 0's `_version` moves and the others' replica goes stale)
+_RANK0_INPLACE = ("index_add_", "scatter_add_")
+
+
+def _sharewise(name):
+    orig = getattr(ArithmeticSharedTensor, name)
+    _ORIG[name] = orig
+
+    def run(self, *args, **kwargs):
+        result = orig(self, *args, **kwargs)
+        if is_active():
+            xn = rss_arith.cached_next(self.share)
+            if xn is not None:
+                if name == "_sum_pool2d":  # not a torch.Tensor method: run CrypTen's on xn
+                    rep = orig(_replica_view(self, xn), *args, **kwargs).share
+                else:
+                    rep = getattr(xn, name)(*args, **kwargs)
+                if name in _SHAREWISE_MANY:
+                    for r, t in zip(rep, result):
+                        rss_arith.remember(t.share, r)
+                elif rep.shape == result.share.shape:
+                    rss_arith.remember(result.share, rep)
+        return result
+
+    run.__name__ = name
+    run.__doc__ = f"CrypTen's ``{name}``, applied to the cached replica too (rss backend)."
+    return run
+
+
+def _replica_view(template, xn):
+    """A throw-away ArithmeticSharedTensor holding ``xn`` as its share (for share-wise ops)."""
+    t = template.shallow_copy()
+    t.share = xn
+    return t
+
+
+def _rank0_inplace(name):
+    orig = getattr(ArithmeticSharedTensor, name)
+    _ORIG[name] = orig
+
+    def run(self, *args, **kwargs):
+        result = orig(self, *args, **kwargs)
+        if is_active():
+            rss_arith.forget(self.share)
+        return result
+
+    run.__name__ = name
+    return run
+
+
+def _pad(self, pad, mode="constant", value=0):
+    """CrypTen's pad (party 0 pads with the encoded value, the others with 0), and the replica
+    padded the same way: party 2's replica is the share ``x_0``."""
+    result = _ORIG["pad"](self, pad, mode=mode, value=value)
+    if is_active() and isinstance(value, (int, float)):
+        xn = rss_arith.cached_next(self.share)
+        if xn is not None:
+            fill = self.encoder.encode(value).item() if self.rank == 2 else 0
+            rss_arith.remember(result.share, torch.nn.functional.pad(xn, pad, mode=mode,
+                                                                     value=fill))
+    return result
+
+
+def _cat(tensors, *args, **kwargs):
+    """Concatenated shares, and the concatenated replicas when every input has one."""
+    result = _ORIG["cat"](tensors, *args, **kwargs)
+    if is_active():
+        reps = [rss_arith.cached_next(t.share) if isinstance(t, ArithmeticSharedTensor) else None
+                for t in tensors]
+        if all(r is not None for r in reps):
+            rep = torch.cat(reps, *args, **kwargs)
+            if rep.shape == result.share.shape:
+                rss_arith.remember(result.share, rep)
+    return result
+
+
 def install() -> None:
     """Register the ``"rss"`` protocol and the dispatching wrappers (idempotent)."""
     if _ORIG:
@@ -164,6 +246,14 @@ def install() -> None:
     MPCTensor.relu = _relu
     ArithmeticSharedTensor.clone = _clone
     ArithmeticSharedTensor._arithmetic_function = _arithmetic_function
+    for name in _SHAREWISE + _SHAREWISE_MANY:
+        setattr(ArithmeticSharedTensor, name, _sharewise(name))
+    for name in _RANK0_INPLACE:
+        setattr(ArithmeticSharedTensor, name, _rank0_inplace(name))
+    _ORIG["pad"] = ArithmeticSharedTensor.pad
+    ArithmeticSharedTensor.pad = _pad
+    _ORIG["cat"] = ArithmeticSharedTensor.cat
+    ArithmeticSharedTensor.cat = staticmethod(_cat)
 
 
 def enable() -> None:

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 import cipherdm_torch  # noqa: F401
@@ -38,7 +39,10 @@ def _ops_body(x, y, w, img, k, kt, big_x, big_y):
         out["add_then_mul"] = _plain(((ex + ey) * (ex - 1.5)))
         eb, ec = crypten.cryptensor(big_x), crypten.cryptensor(big_y, src=2)
         out["big"] = _plain((eb * ec))
-        # cost: fresh operands re-share both (16 B) + truncation (8 B); replicated operands 8 B
+        out["div_neg"] = _plain(ex / -2)
+        out["div_neg3"] = _plain(ex.div(-3))
+        out["div_mixed"] = _plain(ex.div(torch.tensor([2, -3, 5, -7] * 12)))
+        # cost: fresh operands re-share both (16 B) + truncation (16 B for P0 / P1, 32 B for P2)
         a = crypten.cryptensor(torch.ones(1000))
         with CostMeter() as fresh:
             p = a * a.clone()
@@ -64,10 +68,10 @@ def test_products_match_plaintext_and_cost(parties):
     w = torch.randn(12, 5, generator=g)
     img, k = torch.randn(2, 3, 9, 9, generator=g) * 2, torch.randn(4, 3, 3, 3, generator=g)
     kt = torch.randn(3, 2, 2, 2, generator=g)
-    # products near the stated range: |x y| up to 2^14 (truncation failure prob 2^-18 each)
+    # products near the stated range: |x y| up to 2^14 (exact truncation: no failure)
     big_x = torch.tensor([120.5, -127.75, 2 ** 7, -(2 ** 7), 0.5])
     big_y = torch.tensor([-120.25, -127.5, 2 ** 7, 2 ** 7, 2 ** 13])
-    results = parties.run(_ops_body, x, y, w, img, k, kt, big_x, big_y)
+    results = parties.run(_ops_body, x, y, w, img, k, kt, big_x, big_y, timeout=180)
     r = results[0]
     for other in results[1:]:
         torch.testing.assert_close(other["mul"], r["mul"])
@@ -81,55 +85,117 @@ def test_products_match_plaintext_and_cost(parties):
     torch.testing.assert_close(r["square"], x * x, atol=2e-3, rtol=0)
     torch.testing.assert_close(r["pub_mul"], x * 0.3, atol=2e-3, rtol=0)
     torch.testing.assert_close(r["div3"], x / 3, atol=1e-4, rtol=0)
-    # chain on the randn*3 part (the -64^5 = -2^30 tail is where truncation wraps, p ~ 1/4)
-    torch.testing.assert_close(r["chain"][:40], (x * y ** 4)[:40], atol=0.05, rtol=1e-3)
+    torch.testing.assert_close(r["div_neg"], x / -2, atol=1e-4, rtol=0)
+    torch.testing.assert_close(r["div_neg3"], x / -3, atol=1e-4, rtol=0)
+    torch.testing.assert_close(r["div_mixed"], x / torch.tensor([2.0, -3, 5, -7] * 12),
+                               atol=1e-4, rtol=0)
+    # the whole chain, including the -64^5 = -2^30 tail (2^62 encoded before the last
+    # truncation: the two-share truncation wrapped there with probability ~1/4, the exact
+    # one is exact up to |x| = 2^62)
+    torch.testing.assert_close(r["chain"], x * y ** 4, atol=0.05, rtol=1e-3)
     torch.testing.assert_close(r["add_then_mul"], (x + y) * (x - 1.5), atol=1e-3, rtol=0)
     torch.testing.assert_close(r["big"], big_x * big_y, atol=1e-3, rtol=0)
     torch.testing.assert_close(r["q"], torch.ones(3), atol=1e-4, rtol=0)
     assert r["protocol_after"] != "rss"  # the context manager restores CrypTen's protocol
     for rank, res in enumerate(results):
         fresh, warm, mm = res["cost_fresh"], res["cost_warm"], res["cost_mm"]
-        assert fresh["bytes_sent"] == 24 * 1000, (rank, fresh)  # two re-shares + truncation
-        assert warm["bytes_sent"] == 8 * 1000 and warm["rounds"] == 1, (rank, warm)
-        assert mm["bytes_sent"] == 24 * 64 * 64, (rank, mm)
+        trunc = 32 if rank == 2 else 16  # exact truncation: P0, P1 send 2 elements, P2 4
+        assert fresh["bytes_sent"] == (16 + trunc) * 1000, (rank, fresh)  # 2 re-shares + trunc.
+        assert warm["bytes_sent"] == trunc * 1000, (rank, warm)
+        assert warm["rounds"] == (0 if rank == 2 else 2), (rank, warm)  # P2 only sends
+        assert mm["bytes_sent"] == (16 + trunc) * 64 * 64, (rank, mm)
 
 
-def _trunc_body(enc_products):
-    """Truncate additive sharings of known encoded values by 2^16 (direct protocol call)."""
-    rank = crypten.communicator.get().get_rank()
-    z = ArithmeticSharedTensor.PRZS(enc_products.size()).share
-    if rank == 0:
-        z = z + enc_products
-    t, t_next = ra.truncate_shares(z, 2 ** 16)
-    total = crypten.communicator.get().all_reduce(t.clone())
-    # replica check: the next party's share equals my replica
-    nxt = torch.empty_like(t)
-    ra.exchange([(t, (rank - 1) % 3)], [(nxt, (rank + 1) % 3)])
-    return total, bool(torch.equal(nxt, t_next))
+def _trunc_body(enc_products, divisor, method, chunk=250_000):
+    """Truncate additive sharings of known encoded values (direct protocol call)."""
+    comm = crypten.communicator.get()
+    rank = comm.get_rank()
+    totals, replica_ok, contiguous = [], True, True
+    for lo in range(0, enc_products.numel(), chunk):
+        xs = enc_products[lo:lo + chunk]
+        z = ArithmeticSharedTensor.PRZS(xs.size()).share
+        if rank == 0:
+            z = z + xs
+        div = divisor[lo:lo + chunk] if torch.is_tensor(divisor) else divisor
+        t, t_next = ra.truncate_shares(z, div, method=method)
+        totals.append(comm.all_reduce(t.clone()))
+        # replica check: the next party's share equals my replica
+        nxt = torch.empty_like(t)
+        ra.exchange([(t, (rank - 1) % 3)], [(nxt, (rank + 1) % 3)])
+        replica_ok &= bool(torch.equal(nxt, t_next))
+        contiguous &= t.is_contiguous() and t_next.is_contiguous()
+    return torch.cat(totals), replica_ok, contiguous
 
 
-def test_truncation_error_behaviour(parties):
+def _signed_values(n, lo_bits, hi_bits, g):
+    mag = torch.randint(2 ** lo_bits, 2 ** hi_bits, (n,), generator=g)
+    return mag * torch.where(torch.rand(n, generator=g) < 0.5, -1, 1)
+
+
+def test_exact_truncation_never_fails(parties):
+    """10^6 values up to 2^61 encoded (half of them above 2^52), by 2^16: error in {0, +1},
+    zero failures; 200k values by tensor divisors (odd and power-of-two): error <= 1."""
+    g = torch.Generator().manual_seed(3)
+    n = 500_000
+    values = torch.cat([_signed_values(n, 0, 52, g), _signed_values(n, 52, 61, g)])
+    values[:4] = torch.tensor([2 ** 62 - 2 ** 16 - 1, -(2 ** 62), 2 ** 61, -1])
+    results = parties.run(_trunc_body, values, 2 ** 16, "exact", timeout=300)
+    total = results[0][0]
+    assert all(r[1] and r[2] for r in results)  # replicated and contiguous on every party
+    err = total - (values >> 16)
+    assert set(err.unique().tolist()) <= {0, 1}, err.abs().max()
+    # unbiased: +1 with probability frac(x / 2^16), ~1/2 on these values
+    assert abs(err.double().mean().item() - 0.5) < 0.01
+    m = 200_000
+    vals = _signed_values(m, 0, 61, g)
+    divs = torch.randint(1, 2 ** 20, (m,), generator=g)
+    divs[: m // 4] = 2 ** torch.randint(0, 40, (m // 4,), generator=g)
+    total = parties.run(_trunc_body, vals, divs, "exact", timeout=300)[0][0]
+    err = total - torch.div(vals, divs, rounding_mode="floor")
+    assert err.abs().max().item() <= 1
+
+
+@pytest.mark.parametrize("method", ["probabilistic", "exact"])
+def test_truncation_at_large_magnitude(parties, method):
+    """Statistical: the two-share truncation wraps with probability ~|x| / 2^64 (here
+    |x| ~ 2^52: about 2^-12.5 per element, ~10 expected in 60k; could fail with a tiny
+    probability); the exact one never does."""
     g = torch.Generator().manual_seed(2)
     n = 60000
-    # (a) moderate products |v| < 2^10 (reals): result is floor(v) or floor(v) - 1 ulp, always
     small = torch.randint(-(2 ** 42), 2 ** 42, (n,), generator=g)
-    # (b) large products |v| ~ 2^20: rare wrap errors with probability about |v| / 2^32 = 2^-12
-    large = torch.randint(2 ** 51, 2 ** 52, (n,), generator=g) * \
-        torch.where(torch.rand(n, generator=g) < 0.5, -1, 1)
-    results = parties.run(_trunc_body, torch.cat([small, large]))
-    total, replica_ok = results[0]
+    large = _signed_values(n, 51, 52, g)
+    results = parties.run(_trunc_body, torch.cat([small, large]), 2 ** 16, method, timeout=120)
+    total = results[0][0]
     assert all(r[1] for r in results)
-    floor = torch.cat([small, large]) >> 16
-    err = total - floor
+    err = total - (torch.cat([small, large]) >> 16)
     err_small, err_large = err[:n], err[n:]
-    assert set(err_small.unique().tolist()) <= {0, -1}
-    assert (err_small == -1).float().mean() > 0.2  # the 1-ulp error is real and common
+    units = {0, -1} if method == "probabilistic" else {0, 1}
+    assert set(err_small.unique().tolist()) <= units
+    assert (err_small != 0).float().mean() > 0.2  # the 1-ulp rounding is real and common
     wraps = (err_large.abs() > 2).sum().item()
+    if method == "exact":
+        assert wraps == 0
+        assert set(err_large.unique().tolist()) <= units
+        return
     expected = (large.abs().double() / float(2 ** 64)).sum().item()
     # binomial: expected ~ n * 2^-12.5 ~ 10; accept a generous Poisson band
     assert 1 <= wraps <= expected + 6 * math.sqrt(expected) + 3, (wraps, expected)
-    if wraps:
-        big = err_large[err_large.abs() > 2].abs().double()
-        assert torch.all((big - float(2 ** 48)).abs() <= 2)  # a wrap is off by exactly 2^(64-16)
+    big = err_large[err_large.abs() > 2].abs().double()
+    assert torch.all((big - float(2 ** 48)).abs() <= 2)  # a wrap is off by exactly 2^(64-16)
     ok = err_large[err_large.abs() <= 2]
-    assert set(ok.unique().tolist()) <= {0, -1}
+    assert set(ok.unique().tolist()) <= units
+
+
+def _bad_divisor_body():
+    with rss_backend.replicated_backend():
+        x = crypten.cryptensor(torch.ones(3))
+        try:
+            x._tensor.div_(0)
+        except ZeroDivisionError as e:
+            return str(e)
+    return None
+
+
+def test_truncation_by_zero_is_refused(parties):
+    for msg in parties.run(_bad_divisor_body, timeout=60):
+        assert msg and "zero" in msg

@@ -56,8 +56,8 @@ def test_no_provider_with_backend_and_baseline_unchanged(parties):
     x, y = torch.randn(20, generator=g) * 4, torch.randn(20, generator=g) * 4
     w = torch.randn(20, 6, generator=g)
     img, k = torch.randn(1, 2, 5, 5, generator=g), torch.randn(3, 2, 3, 3, generator=g)
-    ours = parties.run(_count_provider_body, "rss", x, y, w, img, k)
-    base = parties.run(_count_provider_body, "replicated", x, y, w, img, k)
+    ours = parties.run(_count_provider_body, "rss", x, y, w, img, k, timeout=180)
+    base = parties.run(_count_provider_body, "replicated", x, y, w, img, k, timeout=180)
     for (n_ours, r, proto_after), (n_base, b, _) in zip(ours, base):
         assert n_ours == 0, "a Beaver provider was used by the replicated backend"
         assert n_base > 0  # CrypTen's replicated mode does use the (dealer) provider
@@ -83,7 +83,7 @@ def _enable_disable_body():
 
 
 def test_enable_disable(parties):
-    for on, off, v in parties.run(_enable_disable_body):
+    for on, off, v in parties.run(_enable_disable_body, timeout=60):
         assert on and not off
         torch.testing.assert_close(v, torch.tensor([0.0, 2.0]))
 
@@ -94,14 +94,22 @@ def _replica_carry_body(x):
     with rss_backend.replicated_backend():
         a = crypten.cryptensor(x) * 1.0  # truncated: replicated
         b = crypten.cryptensor(x) * 0.5
+        m2 = crypten.cryptensor(x.view(8, 8)) * 1.0
         out = {}
         for name, make in (("stack", lambda: crypten.stack([a, b])),
                            ("int_mul", lambda: a * 3),
                            ("rsub", lambda: 2.5 - a),
-                           ("view", lambda: crypten.stack([a, b])[1])):
+                           ("view", lambda: crypten.stack([a, b])[1]),
+                           ("cat", lambda: crypten.cat([a, b])),
+                           ("transpose", lambda: m2.t().reshape(-1)),
+                           ("narrow", lambda: m2.narrow(1, 2, 4)),
+                           ("pad", lambda: m2.pad((1, 1), value=0.5)),
+                           # issue 13: a scalar division of a transposed share, then a view
+                           ("div_of_transposed", lambda: (m2.t() / 2).view(-1)),
+                           ("unbind", lambda: m2.unbind(0)[3])):
             t = make()
             with CostMeter() as m:
-                y = t * t  # replicated operands: only the truncation is sent (8 B per element)
+                y = t * t  # replicated operands: only the truncation is sent
             out[name] = (m.total.bytes_sent / t.numel(), _plain(y))
         fresh = crypten.cryptensor(x)
         with CostMeter() as m:
@@ -110,13 +118,20 @@ def _replica_carry_body(x):
     return out
 
 
-def test_stack_negation_and_integer_multiply_keep_the_replica(parties):
+def test_local_ops_keep_the_replica_on_every_party(parties):
     x = torch.linspace(-3, 3, 64)
-    out = parties.run(_replica_carry_body, x)[0]
-    assert out["fresh"][0] == 16  # control: re-share (8) + truncation (8)
-    for name in ("stack", "int_mul", "rsub", "view"):
-        assert out[name][0] == 8, (name, out[name][0])
-    torch.testing.assert_close(out["stack"][1], torch.stack([x, x / 2]) ** 2, atol=1e-3, rtol=0)
-    torch.testing.assert_close(out["int_mul"][1], (3 * x) ** 2, atol=1e-3, rtol=0)
-    torch.testing.assert_close(out["rsub"][1], (2.5 - x) ** 2, atol=1e-3, rtol=0)
-    torch.testing.assert_close(out["view"][1], (x / 2) ** 2, atol=1e-3, rtol=0)
+    m2 = x.view(8, 8)
+    results = parties.run(_replica_carry_body, x, timeout=120)
+    for rank, out in enumerate(results):
+        trunc = 32 if rank == 2 else 16  # exact truncation
+        assert out["fresh"][0] == 8 + trunc  # control: re-share (8) + truncation
+        for name, (cost, _) in out.items():
+            if name != "fresh":
+                assert cost == trunc, (rank, name, cost)
+    out = results[0]
+    expect = {"stack": torch.stack([x, x / 2]), "int_mul": 3 * x, "rsub": 2.5 - x, "view": x / 2,
+              "cat": torch.cat([x, x / 2]), "transpose": m2.t().reshape(-1),
+              "narrow": m2.narrow(1, 2, 4), "pad": torch.nn.functional.pad(m2, (1, 1), value=0.5),
+              "div_of_transposed": (m2.t() / 2).reshape(-1), "unbind": m2[3]}
+    for name, ref in expect.items():
+        torch.testing.assert_close(out[name][1], ref ** 2, atol=1e-3, rtol=0, msg=name)
