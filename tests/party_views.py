@@ -1,37 +1,64 @@
-"""Test helper: what one party receives (every tensor or object through its communicator)."""
+"""Test helper: a party's whole view, recorded below the communicator API.
+
+The view is everything a party could look at: every payload it hands to a secure link
+and every payload it receives (recorded by the link itself, after decryption / before
+encryption, see ``cipherdm_torch.mpc.channel.Mesh.record``), plus every tensor passed to a
+``torch.distributed`` data call (gloo), read back *after* the call returns, because a gloo
+collective may leave other parties' data in the buffer (a ring reduce does).
+"""
 
 import torch
+import torch.distributed as dist
 
-from cipherdm_torch.crypten_compat import crypten
+from cipherdm_torch.mpc import secure_comm
+
+GLOO_DATA_CALLS = ("send", "recv", "isend", "irecv", "broadcast", "all_reduce", "reduce",
+                   "all_gather", "gather", "scatter", "reduce_scatter", "all_to_all")
+
+
+def whole_view_recorder(include_sent=True):
+    """Start recording this party's view; returns (list that fills up, stop function).
+
+    List entries are tensors; ``gloo_calls`` (an attribute of the returned list) counts
+    data calls that reached torch.distributed.
+    """
+    got = _View()
+    mesh = secure_comm.mesh()
+    mesh.recorder = []
+    originals = {}
+    for name in GLOO_DATA_CALLS:
+        orig = getattr(dist, name, None)
+        if orig is None:
+            continue
+        originals[name] = orig
+
+        def wrapped(*args, _orig=orig, _name=name, **kwargs):
+            out = _orig(*args, **kwargs)
+            got.gloo_calls.append(_name)
+            got.gloo_tensors.extend(tensors(list(args) + list(kwargs.values())))
+            return out
+        setattr(dist, name, wrapped)
+
+    def stop():
+        for name, orig in originals.items():
+            setattr(dist, name, orig)
+        for kind, _peer, _label, t in mesh.recorder or []:
+            if include_sent or kind == "recv":
+                got.append(t)
+        got.extend(got.gloo_tensors)
+        mesh.recorder = None
+    return got, stop
 
 
 def received_recorder():
-    """Wrap this party's communicator so every tensor / object it receives is kept."""
-    comm = crypten.communicator.get()
-    got = []
+    """The whole view (kept under its old name for the tests that use it)."""
+    return whole_view_recorder()
 
-    def wrap(method, result_is_received=True):
-        orig = getattr(comm, method)
 
-        def run(*args, **kwargs):
-            out = orig(*args, **kwargs)
-            if method in ("recv", "irecv"):
-                got.append(args[0])  # filled in place (irecv: once waited on)
-            elif method in ("broadcast", "all_reduce", "all_gather", "reduce", "scatter",
-                            "broadcast_obj", "recv_obj", "gather"):
-                got.append(out)
-            return out
-        setattr(comm, method, run)
-        return orig
-
-    names = ["recv", "irecv", "broadcast", "all_reduce", "all_gather", "reduce", "scatter",
-             "broadcast_obj", "recv_obj", "gather"]
-    originals = {m: wrap(m) for m in names}
-
-    def restore():
-        for m, f in originals.items():
-            setattr(comm, m, f)
-    return got, restore
+class _View(list):
+    def __init__(self):
+        super().__init__()
+        self.gloo_calls, self.gloo_tensors = [], []
 
 
 def tensors(objs):

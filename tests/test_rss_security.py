@@ -1,7 +1,7 @@
 """Security of the replicated backend: a single party's view does not depend on the secret.
 
-A party's *view* here is every tensor it receives through CrypTen's communicator
-(recorded at the communicator) plus the shares it ends up holding. For a fixed
+A party's *view* here is every tensor it receives on its secure links
+(recorded by the link, below the communicator API) plus the shares it ends up holding. For a fixed
 secret and for varied secrets, the byte distributions of every view tensor (and
 of sums / differences / XORs of pairs of them) must be indistinguishable
 (two-sample chi-square), and fully random messages must be uniform. The
@@ -25,28 +25,16 @@ P_MIN = 1e-7  # per-test threshold; a few thousand tests per run -> false alarm 
 
 
 class _Recorder:
-    """Record every buffer this party receives (irecv / recv) while active."""
-
-    def __init__(self):
-        self.c, self.got = comm.get(), []
+    """Record every payload this party receives on its secure links while active."""
 
     def __enter__(self):
-        c, got = self.c, self.got
-        self._irecv, self._recv = c.irecv, c.recv
+        from party_views import whole_view_recorder
 
-        def irecv(t, src=None):
-            got.append(t)
-            return self._irecv(t, src)
-
-        def recv(t, src=None):
-            got.append(t)
-            return self._recv(t, src)
-
-        c.irecv, c.recv = irecv, recv
+        self.got, self._stop = whole_view_recorder(include_sent=False)
         return self
 
     def __exit__(self, *exc):
-        del self.c.irecv, self.c.recv
+        self._stop()
 
 
 def _view_body(kind, secrets):

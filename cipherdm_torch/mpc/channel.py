@@ -390,10 +390,13 @@ class Mesh:
                            f"{address[0]}:{address[1]}: {last}")
 
     def _accept_loop(self, expect, accepted, deadline, errors) -> None:
-        self._listener.settimeout(0.5)
+        listener = self._listener
+        listener.settimeout(0.5)
         while set(accepted) != expect and time.monotonic() < deadline:
+            if self._listener is None:  # closed: connect() gave up
+                return
             try:
-                raw, addr = self._listener.accept()
+                raw, addr = listener.accept()
             except socket.timeout:
                 continue
             except OSError as exc:
@@ -435,13 +438,18 @@ class Mesh:
         """Hello: confirm ranks and exchange 32 fresh random bytes each for the pair keys."""
         mine = os.urandom(32)
         sock.settimeout(30)
-        sock.sendall(HELLO + struct.pack("<II", self.rank, peer) + mine)
         got = bytearray()
-        while len(got) < 4 + 8 + 32:
-            chunk = sock.recv(4 + 8 + 32 - len(got))
-            if not chunk:
-                raise ChannelError(f"party {peer} closed the link during the hello")
-            got += chunk
+        try:
+            sock.sendall(HELLO + struct.pack("<II", self.rank, peer) + mine)
+            while len(got) < 4 + 8 + 32:
+                chunk = sock.recv(4 + 8 + 32 - len(got))
+                if not chunk:
+                    raise ChannelError(f"party {peer} closed the link during the hello")
+                got += chunk
+        except (ssl.SSLError, OSError) as exc:  # TLS 1.3: a refused client learns it here
+            sock.close()
+            raise ChannelError(f"party {self.rank}: party {peer} refused the link (identity not "
+                               f"accepted) or it failed during the hello: {exc}") from exc
         if bytes(got[:4]) != HELLO or struct.unpack("<II", bytes(got[4:12])) != (peer, self.rank):
             raise ChannelError(f"party {self.rank}: bad hello from party {peer}")
         theirs = bytes(got[12:])

@@ -1,0 +1,279 @@
+"""Secure links, attacked from outside: impostors, tampering, replay, wire capture, keys.
+
+The three parties' meshes run in threads of this process; a recording / tampering TCP
+proxy sits on the link between party 1 and party 0 where a test needs the wire.
+"""
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from cipherdm_torch.mpc import identity
+from cipherdm_torch.mpc.channel import ChannelError, Mesh, wire_bytes
+from cipherdm_torch.mpc.prg import KeyStream
+
+
+class Proxy:
+    """TCP forwarder to ``target`` that records (and may alter) the client -> server bytes."""
+
+    def __init__(self, target, tamper=None):
+        self.target, self.tamper = target, tamper
+        self.up = bytearray()  # client -> server, as forwarded
+        self.down = bytearray()  # server -> client
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        client, _ = self.sock.accept()
+        server = socket.create_connection(self.target)
+        threading.Thread(target=self._pump, args=(client, server, self.up, True),
+                         daemon=True).start()
+        self._pump(server, client, self.down, False)
+
+    def _pump(self, src, dst, log, upstream):
+        while True:
+            try:
+                chunk = src.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if upstream and self.tamper is not None:
+                chunk = self.tamper(bytes(chunk), len(log))
+            log += chunk
+            try:
+                dst.sendall(chunk)
+            except OSError:
+                break
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _meshes(folder, proxy_factory=None, timeout=30.0):
+    """Three connected meshes; party 1 reaches party 0 through ``proxy_factory(address)``."""
+    identity.create(str(folder))
+    meshes = [Mesh(identity.load(str(folder), r, 3), timeout=timeout) for r in range(3)]
+    addresses = [m.listen() for m in meshes]
+    proxy = proxy_factory(addresses[0]) if proxy_factory else None
+    errors = []
+
+    def connect(r):
+        addr = list(addresses)
+        if r == 1 and proxy is not None:
+            addr[0] = proxy.address
+        try:
+            meshes[r].connect(addr, timeout=timeout)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=connect, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return meshes, proxy
+
+
+def _close(meshes):
+    for m in meshes:
+        m.close()
+
+
+def test_links_carry_tensors_and_pairs_share_streams(tmp_path):
+    meshes, _ = _meshes(tmp_path / "keys")
+    try:
+        x = torch.arange(100_000, dtype=torch.long)
+        works = [meshes[1].isend(x, 0), meshes[0].isend(-x, 1)]
+        got0, got1 = torch.empty_like(x), torch.empty_like(x)
+        meshes[0].recv(got0, 1)
+        meshes[1].recv(got1, 0)
+        for w in works:
+            w.wait()
+        assert torch.equal(got0, x) and torch.equal(got1, -x)
+        for r in range(3):  # party r's "next" is party r+1's "prev"; the others differ
+            nxt = meshes[r].streams()["next"].ring((64,))
+            assert torch.equal(nxt, meshes[(r + 1) % 3].streams()["prev"].ring((64,)))
+            assert not torch.equal(nxt, meshes[r].streams()["prev"].ring((64,)))
+    finally:
+        _close(meshes)
+
+
+def test_impostor_is_refused_before_anything_is_sent(tmp_path):
+    identity.create(str(tmp_path / "keys"))
+    identity.create(str(tmp_path / "impostor"))  # a different identity for "party 1"
+    real = [Mesh(identity.load(str(tmp_path / "keys"), r, 3), timeout=10) for r in range(3)]
+    addresses = [m.listen() for m in real]
+    # the impostor trusts the real certificates of 0 and 2, but holds its own key as "party 1"
+    fake = identity.load(str(tmp_path / "impostor"), 1, 3)
+    real_certs = identity.load(str(tmp_path / "keys"), 0, 3).certs_pem
+    fake = identity.Credentials(1, fake.key_file, fake.cert_file,
+                                [real_certs[0], fake.certs_pem[1], real_certs[2]])
+    impostor = Mesh(fake, timeout=10)
+    impostor.listen()
+    with pytest.raises(ChannelError):
+        impostor.connect(addresses, timeout=5)  # dials party 0 first: refused by party 0
+    errors = []
+
+    def connect(r):
+        try:
+            real[r].connect(addresses, timeout=30)
+        except Exception as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=connect, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        assert real[0].refused, "party 0 should have turned the impostor away"
+        assert sorted(real[0].links) == [1, 2]
+    finally:
+        _close(real)
+        impostor.close()
+
+
+def test_client_refuses_a_server_with_the_wrong_identity(tmp_path):
+    identity.create(str(tmp_path / "keys"))
+    identity.create(str(tmp_path / "other"))
+    # a listener that presents another deployment's "party 0" certificate
+    fake0 = Mesh(identity.load(str(tmp_path / "other"), 0, 3), timeout=5)
+    addr = fake0.listen()
+    threading.Thread(target=lambda: _swallow(fake0.connect, [addr] * 3, timeout=5),
+                     daemon=True).start()
+    p1 = Mesh(identity.load(str(tmp_path / "keys"), 1, 3), timeout=5)
+    p1.listen()
+    with pytest.raises(ChannelError, match="party 0"):
+        p1.connect([addr, None, None], timeout=5)
+    p1.close()
+    fake0.close()
+
+
+def _swallow(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except Exception:
+        pass
+
+
+def _send_big(meshes, n=50_000):
+    x = torch.arange(n, dtype=torch.long) << 16
+    w = meshes[1].isend(x, 0)
+    return x, w
+
+
+def test_flipped_byte_stops_the_run_naming_the_link(tmp_path):
+    state = {"done": False}
+
+    def flip(chunk, offset):
+        # after the handshake and hello (a few KB), flip one byte of the next large chunk
+        if not state["done"] and offset > 4000 and len(chunk) > 100:
+            state["done"] = True
+            b = bytearray(chunk)
+            b[len(b) // 2] ^= 0x01
+            return bytes(b)
+        return chunk
+
+    meshes, proxy = _meshes(tmp_path / "keys", lambda a: Proxy(a, flip), timeout=10)
+    try:
+        _ = meshes[1].isend(torch.zeros(512, dtype=torch.long), 0)  # pushes past the offset
+        meshes[0].recv(torch.empty(512, dtype=torch.long), 1)
+        x, _w = _send_big(meshes)
+        with pytest.raises(ChannelError, match=r"parties 0 and 1.*tampered"):
+            meshes[0].recv(torch.empty_like(x), 1)
+        assert state["done"]
+    finally:
+        _close(meshes)
+
+
+def test_replayed_record_is_rejected(tmp_path):
+    state = {"seen": None, "done": False}
+
+    def replay(chunk, offset):
+        if offset > 4000 and state["seen"] is None and len(chunk) > 100:
+            state["seen"] = chunk
+            return chunk
+        if state["seen"] is not None and not state["done"]:
+            state["done"] = True
+            return state["seen"] + chunk  # the earlier bytes again
+        return chunk
+
+    meshes, proxy = _meshes(tmp_path / "keys", lambda a: Proxy(a, replay), timeout=10)
+    try:
+        _ = meshes[1].isend(torch.zeros(512, dtype=torch.long), 0)
+        meshes[0].recv(torch.empty(512, dtype=torch.long), 1)
+        x = torch.arange(20_000, dtype=torch.long)
+        for _k in range(3):
+            meshes[1].isend(x, 0)
+        with pytest.raises(ChannelError):
+            for _k in range(3):
+                got = meshes[0].recv(torch.empty_like(x), 1)
+                assert torch.equal(got, x)
+    finally:
+        _close(meshes)
+
+
+def test_wire_holds_no_plaintext_and_costs_what_we_report(tmp_path):
+    meshes, proxy = _meshes(tmp_path / "keys", lambda a: Proxy(a))
+    try:
+        before = len(proxy.up)
+        secret = (torch.arange(1, 30_001, dtype=torch.long) * 7919) << 16  # distinctive values
+        sizes = [secret.numel() * 8, 8, 0, 100_000]
+        msgs = [secret, torch.tensor([12345 << 16]), torch.empty(0, dtype=torch.long),
+                torch.full((12_500,), 42 << 16, dtype=torch.long)]
+        for m in msgs:
+            meshes[1].isend(m, 0)
+        for m in msgs:
+            got = meshes[0].recv(torch.empty_like(m), 1)
+            assert torch.equal(got, m)
+        wire = bytes(proxy.up)
+        for k in range(0, 30_000, 997):  # any 2 consecutive plaintext elements
+            assert secret[k:k + 2].numpy().tobytes() not in wire
+        assert (torch.full((2,), 42 << 16).numpy().tobytes()) not in wire
+        expected = sum(wire_bytes(s) for s in sizes)
+        assert len(proxy.up) - before == expected, (len(proxy.up) - before, expected)
+        assert expected <= 1.05 * sum(sizes) + 4 * 200
+    finally:
+        _close(meshes)
+
+
+# ---------------------------------------------------------------- the stream cipher
+
+def test_keystream_matches_aes128_ctr_known_answer():
+    # NIST SP 800-38A, F.5.1 CTR-AES128.Encrypt, blocks 1-2
+    ks = KeyStream(bytes.fromhex("2b7e151628aed2a6abf7158809cf4f3c"),
+                   bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"))
+    plain = bytes.fromhex("6bc1bee22e409f96e93d7e117393172a" "ae2d8a571e03ac9c9eb76fac45af8e51")
+    stream = ks.bytes(32).numpy().tobytes()
+    cipher = bytes(a ^ b for a, b in zip(stream, plain))
+    assert cipher.hex() == "874d6191b620e3261bef6864990db6ce" "9806f66b7970fdff8617187bb9fffdff"
+
+
+def test_every_key_bit_matters_and_streams_look_uniform():
+    key = bytes(range(16))
+    base = KeyStream(key).ring((256,))
+    for bit in range(128):
+        k = bytearray(key)
+        k[bit // 8] ^= 1 << (bit % 8)
+        other = KeyStream(bytes(k)).ring((256,))
+        assert (other != base).float().mean() > 0.95, bit  # a 128-bit key, all bits used
+    data = KeyStream(key).bytes(1 << 20).numpy()
+    counts = np.bincount(data, minlength=256)
+    assert chisquare(counts)[1] > 1e-6
+    bits = KeyStream(key).bits((1 << 16,)).float().mean().item()
+    assert abs(bits - 0.5) < 0.01
+    # consecutive draws continue the stream (never reuse keystream)
+    s = KeyStream(key)
+    a, b = s.bytes(1000), s.bytes(1000)
+    assert torch.equal(torch.cat([a, b]), KeyStream(key).bytes(2000))
