@@ -103,9 +103,10 @@ class EncryptedModule:
         self._graphs: Dict[Any, _Compiled] = {}
         self._weights: Dict[str, Any] = {}
         self.public_params = self._publish_params(public_params)
-        # public Python numbers (a timestep) become 0-d tensors: one graph for every value
+        # public Python ints (a timestep) become 0-d int64 tensors: one graph for every value.
+        # (Floats stay constants: diffusers casts a float timestep to long, a tensor it keeps.)
         self._tensorize = {k for k, v in example.items() if k in self.public
-                           and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                           and isinstance(v, int) and not isinstance(v, bool)}
         example = {k: (torch.tensor(v) if k in self._tensorize else v) for k, v in example.items()}
         self._dtypes = {k: v.dtype for k, v in example.items() if torch.is_tensor(v)}
         self.calibration: Dict[str, float] = {}  # owner only: max |activation| per node

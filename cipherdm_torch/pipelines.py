@@ -22,7 +22,7 @@ from .runtime import party
 from .sampling import SharedNoise, StepLog, edm_loop, scheduler_loop
 
 __all__ = ["SecureSampleOutput", "SecureDDPMPipeline", "SecureDDIMPipeline", "SecureEDMPipeline",
-           "model_output", "plaintext_scheduler_sample", "plaintext_edm_sample"]
+           "model_output", "model_image_shape", "plaintext_scheduler_sample", "plaintext_edm_sample"]
 
 
 @dataclass
@@ -34,6 +34,21 @@ class SecureSampleOutput:
     def report(self) -> dict:
         """JSON-ready cost report: totals, per op type (region) and per step."""
         return {**self.cost.as_dict(), "steps": self.steps}
+
+
+def model_image_shape(unet) -> Optional[tuple]:
+    """(channels, height, width) of a model's samples from its config (diffusers models:
+    ``in_channels`` and ``sample_size``); ``unet`` may be an :class:`EncryptedModule`."""
+    model = getattr(unet, "_model", unet)
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    channels, size = get("in_channels"), get("sample_size")
+    if channels is None or size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(channels), int(h), int(w)
 
 
 def model_output(out):
@@ -64,6 +79,12 @@ class _SecurePipeline:
                 value = torch.cat([torch.full_like(value, null_label), value])  # uncond first
         return self.unet.share_input(self.label_input, value)
 
+    def _image_shape(self, image_shape) -> tuple:
+        if image_shape is not None:
+            return tuple(image_shape)
+        shape = model_image_shape(self.unet)
+        return shape if shape is not None else (1, 28, 28)
+
     def _finish(self, x, meter, log):
         images = self.unet.reveal(x)
         return SecureSampleOutput(images.clamp(-1, 1) if images is not None else None,
@@ -82,10 +103,12 @@ class _SchedulerPipeline(_SecurePipeline):
         self.sample_input, self.timestep_input = sample_input, timestep_input
 
     def __call__(self, batch_size: int = 1, num_inference_steps: Optional[int] = None,
-                 image_shape: Sequence[int] = (1, 28, 28), seed: Optional[int] = None,
+                 image_shape: Optional[Sequence[int]] = None, seed: Optional[int] = None,
                  class_labels=None, eta: float = 0.0, progress: bool = True) -> SecureSampleOutput:
+        """``image_shape``: (channels, height, width); by default from the model's config
+        (``in_channels``, ``sample_size``), else (1, 28, 28)."""
         self.scheduler.set_timesteps(num_inference_steps or self.default_steps)
-        shape = (batch_size, *image_shape)
+        shape = (batch_size, *self._image_shape(image_shape))
         with cost.CostMeter() as meter:
             noise = SharedNoise(seed, self.party.roles.user, self.party.rank)
             labels = self._share_labels(class_labels, False, None)
@@ -132,7 +155,7 @@ class SecureEDMPipeline(_SecurePipeline):
         self.sample_input, self.noise_input = sample_input, noise_input
 
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 18,
-                 image_shape: Sequence[int] = (1, 28, 28), seed: Optional[int] = None,
+                 image_shape: Optional[Sequence[int]] = None, seed: Optional[int] = None,
                  class_labels=None, guidance_scale: float = 1.0, heun: bool = True,
                  s_churn: float = 0.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, progress: bool = True) -> SecureSampleOutput:
@@ -140,7 +163,7 @@ class SecureEDMPipeline(_SecurePipeline):
 
         guided = self.num_classes > 0 and guidance_scale != 1.0
         sigmas = edm_sigmas(num_inference_steps, sigma_min, sigma_max, rho).tolist()
-        shape = (batch_size, *image_shape)
+        shape = (batch_size, *self._image_shape(image_shape))
         with cost.CostMeter() as meter:
             noise = SharedNoise(seed, self.party.roles.user, self.party.rank)
             labels = self._share_labels(class_labels, guided, self.num_classes)
@@ -168,11 +191,14 @@ class SecureEDMPipeline(_SecurePipeline):
 # ---------------------------------------------------------------- plaintext twins (fidelity checks)
 @torch.no_grad()
 def plaintext_scheduler_sample(unet, scheduler, batch_size: int = 1,
-                               num_inference_steps: int = 50, image_shape=(1, 28, 28),
+                               num_inference_steps: int = 50, image_shape=None,
                                seed: int = 0, class_labels=None, eta: float = 0.0,
                                ddpm: bool = False) -> torch.Tensor:
     """What the secure DDPM / DDIM pipeline computes, in plaintext with the same noise draws."""
     from .sampling import Noise
+
+    if image_shape is None:
+        image_shape = model_image_shape(unet) or (1, 28, 28)
 
     scheduler.set_timesteps(num_inference_steps)
     noise = Noise(seed)

@@ -173,6 +173,37 @@ def _pickle_task(fn: Callable, args: tuple, kwargs: dict) -> bytes:
                         f"{exc}") from exc
 
 
+_BOOT_DIR = "CIPHERDM_PARTY_BOOT_DIR"
+
+
+def _refuse_while_spawning() -> None:
+    """Stop a party that is re-running its launching script (no ``__main__`` guard).
+
+    A spawned party imports the launching script as its main module; without the guard the
+    script's ``launch()`` runs again inside the party, which can only fail. The party writes
+    the cause where the launcher reads it, so the launch fails at once with this message.
+    """
+    import json
+    import multiprocessing
+
+    proc = multiprocessing.current_process()
+    if not getattr(proc, "_inheriting", False):
+        return
+    message = (f"launch() was called again inside a starting party ({proc.name}): the launching "
+               f"script re-runs when each party imports it. Put the launch() call under "
+               f"`if __name__ == \"__main__\":` (functions the parties run stay at module level).")
+    folder = os.environ.get(_BOOT_DIR)
+    if folder and proc.name.startswith("cipherdm-party-"):
+        rank = proc.name.rsplit("-", 1)[-1]
+        try:
+            with open(os.path.join(folder, f"boot-{rank}.json"), "w") as f:
+                json.dump({"type": "RuntimeError", "message": message,
+                           "traceback": "".join(traceback.format_stack())}, f)
+        except OSError:
+            pass
+    raise RuntimeError(message)
+
+
 _COMM_ERRORS = ("Connection closed by peer", "Connection reset", "Broken pipe", "Gloo",
                 "gloo", "Timed out", "ECONNRESET",
                 # secure links (cipherdm_torch.mpc.channel): a peer went away or stopped the run
@@ -207,6 +238,7 @@ class PartyPool:
     def start(self) -> "PartyPool":
         if self._procs:
             return self
+        _refuse_while_spawning()
         ctx = mp.get_context("spawn")
         self._tmp = tempfile.mkdtemp(prefix="cipherdm-")
         rendezvous = f"file://{self._tmp}/rendezvous"
@@ -224,8 +256,16 @@ class PartyPool:
                               self.threads, self._tasks[r], self._results, os.getpid(), keys,
                               self.secure))
             for r in range(self.world_size)]
-        for p in self._procs:
-            p.start()
+        old_dir = os.environ.get(_BOOT_DIR)
+        os.environ[_BOOT_DIR] = self._tmp  # where a party that dies while starting says why
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            if old_dir is None:
+                os.environ.pop(_BOOT_DIR, None)
+            else:
+                os.environ[_BOOT_DIR] = old_dir
         self._collect("ready", self.start_timeout)
         return self
 
@@ -257,16 +297,24 @@ class PartyPool:
         self.close()
 
     # ------------------------------------------------------------------ running
-    def run(self, fn: Callable, *args, timeout: Optional[float] = None, **kwargs) -> List[Any]:
+    def run(self, fn: Callable, *args, timeout: Optional[float] = None,
+            private: Optional[Dict[int, Dict[str, Any]]] = None, **kwargs) -> List[Any]:
         """Run ``fn(*args, **kwargs)`` in every party; return the results ordered by rank.
 
         ``fn`` must be picklable (a module-level function). ``timeout`` bounds
         the whole call; on timeout or failure the pool is torn down and
-        :class:`PartyError` is raised.
+        :class:`PartyError` is raised. ``private`` maps a rank to extra keyword
+        arguments that only that party's process receives (the user's seed and
+        labels, say): the other processes never hold them.
         """
-        task = _pickle_task(fn, args, kwargs)
+        private = private or {}
+        bad = [r for r in private if not 0 <= r < self.world_size]
+        if bad:
+            raise ValueError(f"private arguments for ranks {bad} outside 0..{self.world_size - 1}")
+        tasks = [_pickle_task(fn, args, {**kwargs, **private.get(r, {})})
+                 for r in range(self.world_size)]
         self.start()
-        for q in self._tasks:
+        for q, task in zip(self._tasks, tasks):
             q.put(task)
         return self._collect("ok", timeout)
 
@@ -288,9 +336,10 @@ class PartyPool:
             except queue.Empty:
                 for r, p in enumerate(self._procs):
                     if r not in out and r not in failures and not p.is_alive():
-                        failures[r] = {"type": "died", "time": time.time(), "traceback": "",
-                                       "message": f"process exited with code {p.exitcode}"}
-                        stop_by = stop_by or time.monotonic() + self.grace
+                        failures[r] = self._died(r, p, starting=expected == "ready")
+                        # a party that never started leaves the others waiting for it
+                        stop_by = stop_by or time.monotonic() + (
+                            0.5 if expected == "ready" else self.grace)
                 continue
             if status == "error":
                 failures[rank] = payload
@@ -301,6 +350,22 @@ class PartyPool:
             self._kill()
             raise self._error(failures)
         return [out[r] for r in range(self.world_size)]
+
+    def _died(self, rank: int, proc, starting: bool) -> dict:
+        """Why party ``rank`` exited: its own report if it died while starting, else the code."""
+        path = os.path.join(self._tmp or "", f"boot-{rank}.json")
+        if starting and self._tmp and os.path.exists(path):
+            import json
+
+            with open(path) as f:
+                report = json.load(f)
+            return {"type": report["type"], "message": report["message"], "time": time.time(),
+                    "traceback": report.get("traceback", "")}
+        message = f"process exited with code {proc.exitcode}"
+        if starting:
+            message += (" before it started (its own error is on stderr above; a script that "
+                        "calls launch() needs an `if __name__ == \"__main__\":` guard)")
+        return {"type": "died", "time": time.time(), "traceback": "", "message": message}
 
     @staticmethod
     def _error(failures: Dict[int, dict]) -> PartyError:
@@ -320,12 +385,13 @@ class PartyPool:
 
 def launch(fn: Callable, *args, world_size: int = 3, roles: Roles = Roles(),
            crypten_config: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None,
-           **kwargs) -> List[Any]:
+           private: Optional[Dict[int, Dict[str, Any]]] = None, **kwargs) -> List[Any]:
     """Run ``fn(*args, **kwargs)`` once in each of ``world_size`` parties.
 
     Locally, returns the list of every party's result (index = rank). Under
     ``torchrun`` the current process is one party: the list holds only this
     party's result at its rank (``None`` elsewhere), since results may be secret.
+    ``private`` maps a rank to keyword arguments only that party receives.
     """
     if under_torchrun():
         rank, ws = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -333,8 +399,8 @@ def launch(fn: Callable, *args, world_size: int = 3, roles: Roles = Roles(),
             raise ValueError(f"torchrun started {ws} processes but world_size={world_size}")
         init_party(rank, ws, "env://", roles, crypten_config, keys=os.environ.get("CIPHERDM_KEYS"))
         results: List[Any] = [None] * ws
-        results[rank] = fn(*args, **kwargs)
+        results[rank] = fn(*args, **{**kwargs, **(private or {}).get(rank, {})})
         return results
     _pickle_task(fn, args, kwargs)  # fail before starting any process
     with PartyPool(world_size, roles, crypten_config) as pool:
-        return pool.run(fn, *args, timeout=timeout, **kwargs)
+        return pool.run(fn, *args, timeout=timeout, private=private, **kwargs)

@@ -65,7 +65,7 @@ def inputs(name):
     channels = 3 if cfg != "condition" and cfg.get("in_channels") == 3 else 1
     x = torch.randn(2, channels, 8, 8, generator=g)
     fourier = cfg != "condition" and cfg.get("time_embedding_type") == "fourier"
-    t = 2.5 if fourier else 37       # a Python number: the timestep / noise level
+    t = torch.tensor(2.5) if fourier else 37   # noise level sigma / a Python int timestep
     kw = {}
     if extra == "identity":
         kw["class_labels"] = torch.randn(2, 32, generator=g)   # time_embed_dim = 4 * 8
@@ -171,8 +171,7 @@ def test_fourier_without_public_params_names_the_fix():
     from cipherdm_torch import graph as G
 
     x, t, _ = inputs("skip_fourier_gelu")
-    g = G.rewrite(G.export_graph(make("skip_fourier_gelu", 0),
-                                 {"sample": x, "timestep": torch.tensor(t)}))
+    g = G.rewrite(G.export_graph(make("skip_fourier_gelu", 0), {"sample": x, "timestep": t}))
     secret = G.secret_nodes(g, set(DEFAULT_PUBLIC))
     names = []
     problems = G.unsupported_ops(g, secret, names=names)
