@@ -12,18 +12,20 @@ from __future__ import annotations
 import torch
 
 from .cost import CostMeter
-from .runtime import launch, party
+from .runtime import Roles, launch, party
 
 
-def _demo_party(x: torch.Tensor, w: torch.Tensor):
+def _demo_party(x: torch.Tensor = None, w: torch.Tensor = None):
     """One party's view: share x (from the user) and w (from the owner), compute relu(x @ w)."""
     import crypten
 
     p = party()
     with CostMeter() as meter:
-        with meter.region("share"):
-            ex = crypten.cryptensor(x, src=p.roles.user)
-            ew = crypten.cryptensor(w, src=p.roles.owner)
+        with meter.region("share"):  # x exists only in the user's process, w in the owner's
+            ex = crypten.cryptensor(x if p.is_user else torch.empty(0), src=p.roles.user,
+                                    broadcast_size=True)
+            ew = crypten.cryptensor(w if p.is_owner else torch.empty(0), src=p.roles.owner,
+                                    broadcast_size=True)
         with meter.region("matmul"):
             y = ex.matmul(ew)
         with meter.region("relu"):
@@ -39,7 +41,9 @@ def run_demo(seed: int = 0) -> dict:
     """Run the demo in three local parties and return what each reported."""
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(4, 8, generator=g), torch.randn(8, 3, generator=g)
-    results = launch(_demo_party, x, w)
+    roles = Roles()
+    results = launch(_demo_party, roles=roles, private={roles.user: {"x": x},
+                                                         roles.owner: {"w": w}})
     user = next(r for r in results if r["result"] is not None)
     return {"x": x, "w": w, "expected": (x @ w).relu(), "result": user["result"],
             "parties": results}

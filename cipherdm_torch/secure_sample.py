@@ -4,8 +4,11 @@ The model owner's rank loads the weights; the other ranks build the same archite
 public config only (no weights) and receive the weights as secret shares. The user's rank draws
 the noise from the seed and shares it together with the class labels; only the user gets the
 images. Writes a PNG grid and a JSON cost report (per party: totals, per op type, per step), and
-with ``--check`` the fidelity against plaintext sampling of the same model with the same noise
-(computed in this launching process, which plays the user's terminal and may read the model).
+with ``--check`` the fidelity against plaintext sampling of the same model with the same noise.
+
+Process boundaries: the seed and labels are sent only to the user's party process and the
+weights are read only by the owner's. ``--check`` is the owner's debugging tool: it also gives
+the owner's process the seed and labels and computes the plaintext twin there.
 """
 
 from __future__ import annotations
@@ -110,8 +113,13 @@ def _image_shape(model, kind):
     return (cfg["in_channels"], res, res)
 
 
-def _party(spec: SampleSpec):
-    """One party's part: load (owner) or build (others), encrypt, run the secure pipeline."""
+def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool = False):
+    """One party's part: load (owner) or build (others), encrypt, run the secure pipeline.
+
+    ``spec`` is public (its seed and labels are blanked); ``seed`` and ``labels`` reach only
+    the user's process (and, with ``check``, the owner's, which then computes the plaintext
+    twin where the weights are).
+    """
     from cipherdm_torch import encrypt, netsim, party
     from cipherdm_torch.pipelines import (SecureDDIMPipeline, SecureDDPMPipeline,
                                           SecureEDMPipeline)
@@ -124,9 +132,8 @@ def _party(spec: SampleSpec):
         rss_backend.enable()
     model, kind = load_model(spec.model, with_weights=p.is_owner, ema=spec.ema)
     shape = _image_shape(model, kind)
-    n = len(spec.labels)
-    user = dict(seed=spec.seed if p.is_user else None,
-                class_labels=spec.labels if p.is_user else None)
+    n = n_images
+    user = dict(seed=seed if p.is_user else None, class_labels=labels if p.is_user else None)
     t0 = time.perf_counter()
     with pconfig.use(spec.protocols):
         if kind == "dpdm":
@@ -153,8 +160,13 @@ def _party(spec: SampleSpec):
                 batch_size=n, num_inference_steps=spec.steps, image_shape=shape, **user)
     if spec.backend == "rss":
         rss_backend.disable()
+    reference = None
+    if check and p.is_owner:
+        from dataclasses import replace
+
+        reference = plaintext_twin(replace(spec, seed=seed, labels=list(labels)))
     return {"rank": p.rank, "images": out.images, "report": out.report(),
-            "setup_seconds": setup, "seconds": time.perf_counter() - t0}
+            "setup_seconds": setup, "seconds": time.perf_counter() - t0, "reference": reference}
 
 
 def plaintext_twin(spec: SampleSpec) -> torch.Tensor:
@@ -178,9 +190,19 @@ def run(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
     from cipherdm_torch.sampling import fidelity
     from cipherdm_torch.training.trainer import save_image_grid
 
+    from dataclasses import replace
+
+    from cipherdm_torch.runtime import Roles
+
     os.makedirs(out_dir, exist_ok=True)
+    roles = Roles()
+    secret = {"seed": spec.seed, "labels": list(spec.labels)}
+    private = {roles.user: secret}
+    if check:  # the owner's debugging tool: the owner gets the user's seed and labels too
+        private[roles.owner] = secret
+    public = replace(spec, seed=None, labels=[])
     t0 = time.perf_counter()
-    results = launch(_party, spec)
+    results = launch(_party, public, len(spec.labels), check=check, roles=roles, private=private)
     wall = time.perf_counter() - t0
     user = next(r for r in results if r["images"] is not None)
     png = os.path.join(out_dir, "samples.png")
@@ -192,7 +214,8 @@ def run(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
                            "seconds": r["seconds"], **r["report"]} for r in results]}
     report["spec"].pop("seed")  # the user's secret
     if check:
-        report["fidelity"] = fidelity(user["images"], plaintext_twin(spec))
+        reference = next(r["reference"] for r in results if r["reference"] is not None)
+        report["fidelity"] = fidelity(user["images"], reference)
     path = os.path.join(out_dir, "cost_report.json")
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
@@ -234,7 +257,10 @@ def parser() -> argparse.ArgumentParser:
                     help="rss: dealer-free replicated 3PC; crypten: CrypTen's own protocols")
     ap.add_argument("--link", default="loopback", help="loopback, lan, wan or <Mbit/s>:<ms>")
     ap.add_argument("--out", default="cipherdm-out")
-    ap.add_argument("--check", action="store_true", help="compare with plaintext sampling")
+    ap.add_argument("--check", action="store_true",
+                    help="the model owner's debugging tool: also give the owner's party the "
+                         "seed and labels, sample in plaintext there and report the fidelity "
+                         "(never with a real user's secrets)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
     return ap
 

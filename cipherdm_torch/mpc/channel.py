@@ -247,9 +247,7 @@ class Link:
             except BaseException as exc:
                 raise self._error(exc, what, label) from exc
             if k == 0:
-                raise ChannelError(f"link from party {self.peer} closed (the party stopped or "
-                                   f"the connection was cut) while party {self.mesh.rank} "
-                                   f"waited for {what} at op {label!r}")
+                raise self._closed(what, label)
             pos += k
 
     def _read_into(self, work: _RecvWork) -> None:
@@ -260,16 +258,15 @@ class Link:
         if magic == ABORT:
             msg = bytearray(nbytes)
             self._read_exact(memoryview(msg), "an abort message", work.label)
-            raise DesyncError(f"party {self.peer} stopped the run ({msg.decode(errors='replace')});"
-                              f" party {self.mesh.rank} was at op {work.label!r}")
+            raise DesyncError(f"party {self.mesh.rank} stopped at op {work.label!r}: party "
+                              f"{self.peer} stopped the run ({msg.decode(errors='replace')})")
         expected = work.tensor.numel() * work.tensor.element_size()
         if magic != MAGIC:
             raise ChannelError(f"link from party {self.peer}: bad frame (magic {magic!r})")
         if seq != self.recv_msgs or nbytes != expected or peer_label != work.label:
-            msg = (f"desync on link {self.peer}->{self.mesh.rank}: party {self.mesh.rank} "
-                   f"expected message #{self.recv_msgs} of {expected} bytes at op "
-                   f"{work.label!r}; party {self.peer} sent message #{seq} of {nbytes} bytes "
-                   f"at op {peer_label!r}")
+            msg = (f"desync: party {self.mesh.rank} at op {work.label!r} expected message "
+                   f"#{self.recv_msgs} of {expected} bytes from party {self.peer}, which sent "
+                   f"message #{seq} of {nbytes} bytes at op {peer_label!r}")
             self.mesh.abort(msg, skip=None)
             raise DesyncError(msg)
         self.recv_msgs += 1
@@ -279,7 +276,15 @@ class Link:
         if recorder is not None:
             recorder.append(("recv", self.peer, work.label, work.tensor.clone()))
 
+    def _closed(self, what: str, label: str) -> ChannelError:
+        return ChannelError(f"party {self.mesh.rank} stopped at op {label!r}: the link to party "
+                            f"{self.peer} closed (the party stopped or the connection was cut) "
+                            f"during {what}")
+
     def _error(self, exc: BaseException, what: str, label: str) -> ChannelError:
+        if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, BrokenPipeError,
+                            ConnectionResetError, ConnectionAbortedError)):
+            return self._closed(what, label)
         if isinstance(exc, ssl.SSLError):
             return ChannelError(
                 f"link between parties {self.mesh.rank} and {self.peer}: a TLS record failed "
