@@ -14,8 +14,20 @@ How it hooks in (no CrypTen code copied, nothing in CrypTen edited):
 * ``MPCTensor.rand`` (used by ``max`` / ``argmax`` to break ties) draws replicated
   random bits from the pairwise PRGs and injects them (no B2A triples).
 * ``ArithmeticSharedTensor.clone``, its add / sub / negation, its multiplication by
-  a public integer and ``stack`` are wrapped to carry the cached replica share along
-  (otherwise the next multiplication pays a re-share, 8 bytes per element).
+  a public integer, ``stack`` / ``cat``, ``pad`` and the share-wise view / index / reduce
+  functions CrypTen applies to the share (``view``, ``reshape``, ``t``, ``transpose``,
+  ``permute``, ``__getitem__``, ``narrow``, ``unbind``, ``split``, ``sum``, ...) are
+  wrapped to carry the cached replica share along (otherwise the next multiplication
+  pays a re-share, 8 bytes per element). ``index_add_`` / ``scatter_add_``, which
+  CrypTen runs on party 0 only for a public operand, drop the replica on every party.
+
+Party-independent communication (issue 13): whether an op re-shares is decided only by
+:func:`.rss_arith.cached_next` (replica attached to this tensor object, not modified in
+place since). Every wrapper above attaches a replica exactly when all of its inputs had
+one and the shapes agree: facts that are the same on every party, never the memory
+layout, strides or a view's base. So every party takes the same decision, and a
+diffusers attention UNet no longer desynchronises the parties (see the "Replica rule"
+in :mod:`.rss_arith`).
 
 CrypTen's own protocols stay the default and the baseline: the patches only act
 when ``cfg.mpc.protocol == "rss"``. Select the backend with::
