@@ -37,14 +37,15 @@ class SecureSampleOutput:
 
 
 def model_image_shape(unet) -> Optional[tuple]:
-    """(channels, height, width) of a model's samples from its config (diffusers models:
-    ``in_channels`` and ``sample_size``); ``unet`` may be an :class:`EncryptedModule`."""
+    """(channels, height, width) of a model's samples from its config (``in_channels`` and
+    ``sample_size``, or ``img_resolution`` for the project's own backbone); ``unet`` may be an
+    :class:`EncryptedModule`."""
     model = getattr(unet, "_model", unet)
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
     get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-    channels, size = get("in_channels"), get("sample_size")
+    channels, size = get("in_channels"), get("sample_size") or get("img_resolution")
     if channels is None or size is None:
         return None
     h, w = (size, size) if isinstance(size, int) else tuple(size)
