@@ -8,6 +8,7 @@ and the project's dealer-free replicated backend ``rss`` (protocols.rss_backend)
 when it is present::
 
     python bench/bench_protocols.py [--elements 4096] [--json out.json]
+        [--truncation exact|probabilistic]   # rss backend's truncation (default exact)
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _call(name, x, kwargs):
     return fn(x, **kwargs)
 
 
-def _party(n: int, backends):
+def _party(n: int, backends, truncation: str = "exact"):
     import crypten
 
     out = []
@@ -86,7 +87,7 @@ def _party(n: int, backends):
             for name, (x, exact, kwargs) in loads.items():
                 for variant in ("baseline", "optimised"):
                     ex = crypten.cryptensor(x)
-                    with config.use(variant), CostMeter() as m:
+                    with config.use(variant, truncation=truncation), CostMeter() as m:
                         y = _call(name, ex, kwargs)
                     ref = exact(x)
                     err = (y.get_plain_text() - ref).abs()
@@ -104,6 +105,8 @@ def main():
     ap.add_argument("--elements", type=int, default=4096)
     ap.add_argument("--backends", default="replicated,rss")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--truncation", default="exact", choices=["exact", "probabilistic"],
+                    help="rss backend truncation method (probabilistic: before issue 13)")
     args = ap.parse_args()
     backends = args.backends.split(",")
     if "rss" in backends:
@@ -111,7 +114,7 @@ def main():
             import cipherdm_torch.protocols.rss_backend  # noqa: F401
         except ImportError:
             backends.remove("rss")
-    rows = launch(_party, args.elements, backends)[0]
+    rows = launch(_party, args.elements, backends, args.truncation)[0]
     hdr = f"{'function':<12}{'backend':<12}{'variant':<10}{'B/elem':>10}{'rounds':>8}{'sec':>8}{'max err':>10}{'mean err':>10}"
     print(hdr)
     print("-" * len(hdr))

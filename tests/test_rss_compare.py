@@ -61,7 +61,7 @@ def test_binary_and_conversions_full_ring(parties):
     b = torch.randint(lo, hi, (300,), generator=g)
     ring = torch.cat([torch.randint(lo, hi, (2000,), generator=g),
                       torch.tensor([lo, lo + 1, -1, 0, 1, hi - 1, hi, -(2 ** 62), 2 ** 62])])
-    results = parties.run(_binary_body, a, b, ring)
+    results = parties.run(_binary_body, a, b, ring, timeout=300)
     for r in results:
         assert torch.equal(r["a2b"], a)
         assert torch.equal(r["and"], a & b)
@@ -126,7 +126,7 @@ def test_comparisons_relu_select_max(parties):
     rows = torch.randn(9, 13, generator=g) * 20
     cond = (torch.rand(x.numel(), generator=g) < 0.5).long()
     c = 0.75
-    results = parties.run(_compare_body, x, y, rows, cond, c)
+    results = parties.run(_compare_body, x, y, rows, cond, c, timeout=300)
     big = torch.linspace(-50, 50, 4096)
     enc = FixedPointEncoder()
     ex, ey, er = enc.encode(x), enc.encode(y), enc.encode(rows)

@@ -56,8 +56,8 @@ def _view_body(kind, secrets):
                     out = rss_compare.lt(ex, 0.5)
                 else:
                     raise ValueError(kind)
+                nxt = ra.cached_next(out.share)  # the replica, if the output has one
                 out.share.add_(0)  # nothing revealed; force contiguous shares
-            nxt = ra.cached_next(out.share)
             own = [out.share.clone()] + ([nxt.clone()] if nxt is not None else [])
             views.append([t.clone() for t in rec.got] + own)
     return views
@@ -112,7 +112,7 @@ def test_views_independent_of_secret(parties):
     fixed = torch.full((n,), 3.25)
     varied = (torch.rand(n, generator=g) - 0.5) * 200
     for kind in ("mul", "lt", "relu"):
-        views = parties.run(_view_body, kind, [fixed, varied])
+        views = parties.run(_view_body, kind, [fixed, varied], timeout=300)
         for rank, (vf, vv) in enumerate(views):
             assert len(vf) == len(vv) and len(vf) >= 2
             p, m = _indistinguishable(vf, vv)
@@ -158,8 +158,8 @@ def _chain_attack_body(mode, x):
 def test_chained_multiplication_leak_baseline_not_rss(parties):
     g = torch.Generator().manual_seed(7)
     x = torch.randint(-50, 50, (4000,), generator=g).float()
-    base = parties.run(_chain_attack_body, "replicated", x)
-    ours = parties.run(_chain_attack_body, "rss", x)
+    base = parties.run(_chain_attack_body, "replicated", x, timeout=300)
+    ours = parties.run(_chain_attack_body, "rss", x, timeout=300)
     assert all(c for _, c in base) and all(c for _, c in ours)
     # CrypTen replicated: party 1 recovers every secret whose x_0 share is odd (about half)
     assert base[1][0] == 1.0
