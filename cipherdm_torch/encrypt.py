@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import cost, graph as graph_mod, ops
 from .crypten_compat import crypten
+from .mpc.channel import op_label
 from .runtime import party
 
 __all__ = ["EncryptedModule", "FixedPointRangeWarning", "encrypt", "fixed_point_limit", "reveal"]
@@ -52,8 +53,10 @@ def fixed_point_limit(precision_bits: int, ring_bits: int = 64) -> float:
 def reveal(x, to: Optional[int] = None):
     """Open secret ``x`` (a CrypTen tensor or a pytree of them) to party ``to`` only.
 
-    ``to`` defaults to the user's rank. The other parties send their shares to ``to`` and get
-    ``None``; nothing is revealed to them.
+    ``to`` defaults to the user's rank. The other parties send their shares to ``to`` point to
+    point over the secure links (CrypTen's ``reduce`` runs on
+    :class:`cipherdm_torch.mpc.secure_comm.SecureCommunicator`: no gloo collective, so no
+    partial sum or plaintext chunk is left at another rank) and get ``None``.
     """
     to = party().roles.user if to is None else to
     rank = crypten.communicator.get().get_rank()
@@ -323,6 +326,13 @@ class EncryptedModule:
         return out
 
 
+def _node_label(index: int, name: str) -> str:
+    """The desync detector's label of a graph node: its index and (the end of) its name."""
+    head = f"#{index} "
+    room = 48 - len(head)
+    return head + (name if len(name) <= room else "~" + name[-(room - 1):])
+
+
 def _interpret(compiled: _Compiled, values: Dict[str, Any], record: Optional[dict] = None):
     """Evaluate the graph: plaintext for public nodes, the op registry for secret ones."""
     env: Dict[str, Any] = {}
@@ -338,7 +348,7 @@ def _interpret(compiled: _Compiled, values: Dict[str, Any], record: Optional[dic
                 try:
                     region = (contextlib.nullcontext() if ops.self_metered(impl.kind)
                               else cost.region(impl.kind))
-                    with region:
+                    with region, op_label(_node_label(i, n.name)):
                         out = impl.fn(*args, **kwargs)
                 except Exception as exc:
                     raise RuntimeError(f"secret {n.target} at {n.name} ({graph_mod.where(n)}) "
