@@ -250,7 +250,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--labels", default="all",
                     help="comma-separated class labels, one image each, or 'all' (one per class)")
-    ap.add_argument("--seed", type=int, default=0, help="the user's noise seed (secret)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="the user's noise seed (secret; default: a fresh one from the OS CSPRNG, "
+                         "never printed)")
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     ap.add_argument("--protocols", choices=("optimised", "baseline"), default="optimised")
     ap.add_argument("--backend", choices=("rss", "crypten"), default="rss",
@@ -295,7 +297,9 @@ def spec_from_args(args) -> SampleSpec:
     if args.steps < 1:
         raise SystemExit("--steps must be at least 1")
     return SampleSpec(model=folder, sampler=args.sampler, steps=args.steps,
-                      labels=parse_labels(args.labels, classes), seed=args.seed,
+                      labels=parse_labels(args.labels, classes),
+                      seed=args.seed if args.seed is not None
+                      else int.from_bytes(os.urandom(8), "little") >> 1,
                       guidance=args.guidance, protocols=args.protocols, backend=args.backend,
                       link=args.link, ema=not args.no_ema)
 
