@@ -53,7 +53,8 @@ class Settings:
     # softmax row max: "tree" (pairwise, n - 1 comparisons per row) or CrypTen's max
     softmax_max_method: str = "tree"  # "tree" (pairwise, n-1 comparisons) or "crypten"
     # rss backend fixed-point truncation: "exact" (P2-assisted, error <= 1 unit for |x| < 2^62,
-    # 2 rounds, 16/16/32 B per element sent by P0/P1/P2) or "probabilistic" (ABY3's two-share
+    # 2 rounds, 16 B per element from two parties and 32 B from the helper, which rotates per
+    # call: 21.3 B per party on average) or "probabilistic" (ABY3's two-share
     # truncation, 1 round, 8 B per party, wrong by ~2^64/y with probability ~|x|/2^64;
     # for benchmarks only)
     truncation: str = "exact"

@@ -67,7 +67,11 @@ with probability ``frac(x / y)`` (unbiased stochastic rounding). Security
 (semi-honest, one corruption): every element P0 or P1 receives is masked by a stream
 value it does not hold (``r_b`` / ``r_a``, ``q0``, ``m0``, ``t0`` / ``t2``); P2 receives
 nothing. Cost per element: P0 and P1 send 2 elements (16 B), P2 sends 4 (32 B), 2
-rounds (before issue 13 it was 8 B per party, one round, and failed as below).
+rounds (before issue 13 it was 8 B per party, one round, and failed as below). The
+description above names the helper P2; the helper role rotates 2, 0, 1, 2, ... from one
+truncation call to the next (:data:`helper_rotation`, a call counter that is the same on
+every party), with the party indices rotated along, so over a network each party sends
+on average 64/3 = 21.3 B per truncated element and no party carries the 32 B every time.
 
 ``method="probabilistic"`` (ABY3's two-share truncation, kept for benchmarks): P2
 hands ``z_2`` to P1, P0 holds ``a = z_0`` and P1 ``b = z_1 + z_2``, each divides
@@ -301,41 +305,64 @@ def _floor_div(v: torch.Tensor, y) -> torch.Tensor:
 TRUNCATION_BOUND = 1 << 62  # exact truncation needs |x| < 2^62 - y before the division
 
 
-def _truncate_exact(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact truncation with P2 as helper (see the module docstring): 2 rounds.
+class _HelperRotation:
+    """Which party helps the next exact truncation: 2, 0, 1, 2, ... (one step per call).
 
-    Pairwise streams: P0-P2 is P0's "prev" and P2's "next" (draws r_a, q0, m0, t0 in
-    this order on both), P1-P2 is P1's "next" and P2's "prev" (draws r_b, t2).
+    Every party calls the truncation the same number of times in the same order (it
+    communicates), so the counter is the same on all parties; rotating the helper spreads
+    its larger share of the traffic (4 elements instead of 2) evenly over the parties.
+    """
+
+    def __init__(self):
+        self.calls = 0
+
+    def next(self) -> int:
+        helper = (2 + self.calls) % 3
+        self.calls += 1
+        return helper
+
+
+helper_rotation = _HelperRotation()
+
+
+def _truncate_exact(z: torch.Tensor, y, helper: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact truncation with party ``helper`` (h) as helper (see the module docstring): 2 rounds.
+
+    Roles are relative: A = h + 1 plays "P0" (adds the offset), B = h + 2 plays "P1"; the
+    sharing is rotated accordingly (share index A + k is the protocol's t_k). Pairwise
+    streams: A-h is A's "prev" and h's "next" (draws r_a, q0, m0, t0 in this order on
+    both), B-h is B's "next" and h's "prev" (draws r_b, t2).
     """
     rank, _ = _rank_ws()
+    a, b = (helper + 1) % 3, (helper + 2) % 3
     size, dev = z.size(), z.device
-    kb = _offset_quotient(y)  # P0 adds B = y * kb, the quotient loses exactly kb
-    if rank == 0:
+    kb = _offset_quotient(y)  # A adds B = y * kb, the quotient loses exactly kb
+    if rank == a:
         r_a = rand_ring(size, "prev", dev)
         q0 = rand_ring(size, "prev", dev)
         m0 = rand_ring(size, "prev", dev)
         z1, masked2 = torch.empty_like(z), torch.empty_like(z)
         masked0 = z + y * kb + r_a
-        exchange([(masked0, 1)], [(z1, 1), (masked2, 2)])
+        exchange([(masked0, b)], [(z1, b), (masked2, helper)])
         c = masked0 + z1 + masked2  # x + B + r (mod 2^64)
         keep = (c >= 0).to(torch.long)  # 1 - msb(c): with msb(r) = 1 the sum wrapped
         o0 = udiv(c, y) - q0 + keep * m0 * _ring_quotient(y) - kb
         t0 = rand_ring(size, "prev", dev)
         mine, other = o0 - t0, torch.empty_like(z)
-        exchange([(mine, 1)], [(other, 1)])
+        exchange([(mine, b)], [(other, b)])
         return t0, mine + other
-    if rank == 1:
+    if rank == b:
         r_b = rand_ring(size, "next", dev)
         masked0 = torch.empty_like(z)
-        from2 = torch.empty((3,) + tuple(size), dtype=z.dtype, device=dev)
-        exchange([(z, 0)], [(masked0, 0), (from2, 2)])
-        z2, dq, dm = from2.unbind(0)
+        from_h = torch.empty((3,) + tuple(size), dtype=z.dtype, device=dev)
+        exchange([(z, a)], [(masked0, a), (from_h, helper)])
+        z2, dq, dm = from_h.unbind(0)
         c = masked0 + z + z2 + r_b
         keep = (c >= 0).to(torch.long)
         o1 = keep * dm * _ring_quotient(y) - dq
         t2 = rand_ring(size, "next", dev)
         mine, other = o1 - t2, torch.empty_like(z)
-        exchange([(mine, 0)], [(other, 0)])
+        exchange([(mine, a)], [(other, a)])
         return other + mine, t2
     r_a = rand_ring(size, "next", dev)
     q0 = rand_ring(size, "next", dev)
@@ -343,7 +370,7 @@ def _truncate_exact(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Tensor]:
     r_b = rand_ring(size, "prev", dev)
     r = r_a + r_b
     big_q, big_m = udiv(r, y), (r < 0).to(torch.long)
-    exchange([(z + r_b, 0), (torch.stack([z, big_q - q0, big_m - m0]), 1)], [])
+    exchange([(z + r_b, a), (torch.stack([z, big_q - q0, big_m - m0]), b)], [])
     t0 = rand_ring(size, "next", dev)
     t2 = rand_ring(size, "prev", dev)
     return t2, t0
@@ -402,7 +429,7 @@ def truncate_shares(z: torch.Tensor, y, method: Optional[str] = None
         raise ValueError("truncation needs divisors in [1, 2^62)")
     z = z.contiguous()
     if method == "exact":
-        return _truncate_exact(z, y)
+        return _truncate_exact(z, y, helper_rotation.next())
     if method == "probabilistic":
         return _truncate_probabilistic(z, y)
     raise ValueError(f"unknown truncation method {method!r}; use 'exact' or 'probabilistic'")

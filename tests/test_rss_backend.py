@@ -122,12 +122,11 @@ def test_local_ops_keep_the_replica_on_every_party(parties):
     x = torch.linspace(-3, 3, 64)
     m2 = x.view(8, 8)
     results = parties.run(_replica_carry_body, x, timeout=120)
-    for rank, out in enumerate(results):
-        trunc = 32 if rank == 2 else 16  # exact truncation
-        assert out["fresh"][0] == 8 + trunc  # control: re-share (8) + truncation
-        for name, (cost, _) in out.items():
-            if name != "fresh":
-                assert cost == trunc, (rank, name, cost)
+    # exact truncation: 16 B per element from two parties, 32 B from the (rotating) helper
+    assert sorted(out["fresh"][0] for out in results) == [24, 24, 40]  # re-share (8) + trunc.
+    for name in results[0]:
+        if name != "fresh":
+            assert sorted(out[name][0] for out in results) == [16, 16, 32], name
     out = results[0]
     expect = {"stack": torch.stack([x, x / 2]), "int_mul": 3 * x, "rsub": 2.5 - x, "view": x / 2,
               "cat": torch.cat([x, x / 2]), "transpose": m2.t().reshape(-1),

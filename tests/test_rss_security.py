@@ -47,6 +47,7 @@ def _view_body(kind, secrets):
             ex = crypten.cryptensor(s, src=0)
             ey = crypten.cryptensor(torch.full_like(s, 1.75), src=1)
             ra.replicate_many([ex.share, ey.share])  # inputs replicated beforehand
+            ra.helper_rotation.calls = 0  # same truncation helper for both secrets (all parties)
             with _Recorder() as rec:
                 if kind == "mul":
                     out = ex * ey
