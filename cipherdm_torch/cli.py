@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .errors import DEBUG_FLAG, run_main
+
 # subcommand -> (module with a ``main(argv)``, arguments put before the user's, one-line help)
 COMMANDS = {
     "demo": ("cipherdm_torch.demo", [],
@@ -19,22 +21,32 @@ COMMANDS = {
              "create the parties' TLS identities (one key and pinned certificate per party)"),
     "account": ("cipherdm_torch.training.cli", ["account"],
                 "noise multiplier for (epsilon, delta), or epsilon for a noise multiplier"),
+    "bench": ("cipherdm_torch.training.cli", ["bench"],
+              "DP-SGD step vs non-private step: time and peak memory for several K"),
 }
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if DEBUG_FLAG in argv[:1]:  # `cipherdm --debug sample ...` as well as `... sample --debug`
+        argv = argv[1:] + [DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: cipherdm <command> [options]   (cipherdm <command> --help for its options)"
               "\n\ncommands:")
         for name, (_, _, help_text) in COMMANDS.items():
             print(f"  {name:<8} {help_text}")
+        print(f"\n{DEBUG_FLAG} (any command): show the traceback of an error")
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nunknown command: {argv[0]}", file=sys.stderr)
+            print(f"error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}",
+                  file=sys.stderr)
             return 2
         return 0
     module_name, prefix, _ = COMMANDS[argv[0]]
-    return importlib.import_module(module_name).main(prefix + argv[1:]) or 0
+
+    def command(args):
+        return importlib.import_module(module_name).main(prefix + args)
+
+    return run_main(command, argv[1:])
 
 
 if __name__ == "__main__":

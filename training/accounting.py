@@ -12,8 +12,9 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterable, List, Sequence, Tuple
 
+import math
+
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 __all__ = [
     "ACCOUNTANTS",
@@ -25,6 +26,12 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("rdp", "prv")
+MAX_SIGMA = 1e6
+# RDP orders: Opacus' defaults extended to large orders, where the optimum lies at small epsilon /
+# large noise (Opacus' default range stops at 63 and then overstates epsilon). The ledger, the
+# budget check and the sigma search all use these same orders.
+RDP_ORDERS = ([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+              + list(range(64, 256, 8)) + list(range(256, 1025, 64)))
 Segment = Tuple[float, float, int]
 
 
@@ -33,6 +40,7 @@ def _quiet_order_warning():
     """Opacus warns when the optimal RDP order is the largest tried; expected at large sigma."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
         yield
 
 
@@ -63,8 +71,9 @@ def epsilon_spent(history: Iterable[Sequence], delta: float, accountant: str = "
         return 0.0
     acc = create_accountant(mechanism=_check(accountant))
     acc.history = [tuple(h) for h in hist]
+    kw = {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
     with _quiet_order_warning():
-        return float(acc.get_epsilon(delta=delta))
+        return float(acc.get_epsilon(delta=delta, **kw))
 
 
 def noise_multiplier_for(
@@ -73,22 +82,51 @@ def noise_multiplier_for(
     sample_rate: float,
     steps: int,
     accountant: str = "rdp",
-    epsilon_tolerance: float = 0.005,
+    relative_tolerance: float = 1e-3,
 ) -> float:
-    """Smallest noise multiplier (to ``epsilon_tolerance``) with epsilon(steps) <= target_epsilon."""
+    """Smallest noise multiplier with epsilon(steps) <= target_epsilon, to a relative tolerance.
+
+    The returned sigma meets the target exactly (epsilon <= target) and spends at least
+    ``(1 - relative_tolerance) * target_epsilon``: a relative, not absolute, tolerance, so a small
+    budget does not buy more noise than it needs. Epsilon is computed as the ledger computes it
+    (same accountant, same RDP orders). An unreachable target raises ``UserError``.
+    """
+    from cipherdm_torch.errors import UserError
+
+    for name, value in (("epsilon", target_epsilon), ("delta", delta), ("sample rate", sample_rate)):
+        if not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}")
+    if not target_epsilon > 0:
+        raise UserError(f"epsilon must be > 0, got {target_epsilon}")
+    if not 0 < delta < 1:
+        raise UserError(f"delta must lie strictly between 0 and 1, got {delta}")
     if not (0 < sample_rate <= 1):
-        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-    with _quiet_order_warning():
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=int(steps),
-                accountant=_check(accountant),
-                epsilon_tolerance=epsilon_tolerance,
-            )
-        )
+        raise UserError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if int(steps) < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    _check(accountant)
+
+    def eps(sigma):
+        return epsilon_spent([(sigma, sample_rate, int(steps))], delta, accountant)
+
+    lo, hi = 0.0, 1.0
+    while not eps(hi) <= target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > MAX_SIGMA:
+            raise UserError(
+                f"epsilon {target_epsilon} at delta {delta} is out of reach for {int(steps)} steps at "
+                f"sample rate {sample_rate:.4g} (it would need a noise multiplier above {MAX_SIGMA:g}): "
+                "raise epsilon, or use fewer steps or a smaller batch")
+    # invariant: eps(lo) > target (or lo = 0) and eps(hi) <= target
+    while True:
+        e_hi = eps(hi)
+        if target_epsilon - e_hi <= relative_tolerance * target_epsilon or hi - lo <= 1e-9 * hi:
+            return float(hi)
+        mid = (lo + hi) / 2
+        if eps(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
 
 
 def max_steps_within_budget(

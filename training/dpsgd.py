@@ -27,7 +27,8 @@ from opacus.optimizers import DPOptimizer
 
 from .precond import Denoiser, per_example_loss
 
-__all__ = ["DPSGDEngine", "poisson_sample", "collapse_grad_samples", "GRAD_SAMPLE_MODES"]
+__all__ = ["DPSGDEngine", "poisson_sample", "collapse_grad_samples", "check_no_example_mixing",
+           "GRAD_SAMPLE_MODES"]
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
 
@@ -48,6 +49,33 @@ def collapse_grad_samples(params, batch: int, k: int) -> None:
                 f"grad_sample has {gs.shape[0]} rows, expected batch*K = {batch}*{k}"
             )
         p.grad_sample = gs.reshape(batch, k, *gs.shape[1:]).sum(dim=1)
+
+
+def check_no_example_mixing(model: nn.Module) -> None:
+    """Refuse a model with a layer that mixes examples (BatchNorm, with or without running stats)
+    or that Opacus cannot compute per-example gradients for.
+
+    Per-example clipping bounds one example's influence only if every example's output depends on
+    that example alone; a batch-statistics layer lets one example move every other example's
+    gradient, so the ledger's epsilon would be wrong. Checked before any step (Opacus'
+    ``ModuleValidator`` plus an explicit scan of the batch-norm family).
+    """
+    from opacus.validators import ModuleValidator
+
+    from cipherdm_torch.errors import UserError
+
+    mixing = [f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules()
+              if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm))]
+    if mixing:
+        raise UserError(
+            f"the model has layers that mix examples within a batch, which breaks DP-SGD's "
+            f"per-example clipping and the privacy accounting: {', '.join(mixing)}; replace them "
+            f"with GroupNorm / LayerNorm (opacus.validators.ModuleValidator.fix does this)")
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        first = " ".join(str(errors[0]).split())[:300]
+        raise UserError(f"the model cannot be trained with DP-SGD ({len(errors)} problem(s) found "
+                        f"by Opacus' ModuleValidator): {first}")
 
 
 def _contiguous_pre_hook(module, args):
@@ -82,6 +110,7 @@ class DPSGDEngine:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
         if k < 1:
             raise ValueError("noise multiplicity K must be >= 1")
+        check_no_example_mixing(denoiser)
         self.denoiser = denoiser
         self.k = int(k)
         self.max_physical_batch = max(1, int(max_physical_batch))

@@ -42,7 +42,9 @@ def atomic_write_json(path: str, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            # allow_nan=False: NaN / inf is not JSON; a record that holds one is a bug, and the
+            # old file stays in place rather than being replaced by an invalid one
+            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

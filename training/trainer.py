@@ -46,6 +46,9 @@ __all__ = [
     "load_denoiser",
     "save_denoiser",
     "latest_checkpoint",
+    "validate_config",
+    "derive_dp_seed",
+    "FIXED_ON_RESUME",
     "save_image_grid",
 ]
 
@@ -110,6 +113,62 @@ class TrainConfig:
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Options a resumed run cannot change: the ledger's privacy parameters and data set, and the
+# checkpoint's architecture. (Step counts, learning rate, checkpoint / sampling options may change.)
+FIXED_ON_RESUME = (
+    "data", "max_train_examples", "epsilon", "delta", "accountant", "noise_multiplier",
+    "max_grad_norm", "batch_size", "noise_multiplicity", "dp_seed", "seed", "label_dropout",
+    "pixel_reduction", "backbone", "model_channels", "channel_mult", "num_res_blocks",
+    "attn_resolutions", "num_heads", "dropout", "class_conditional", "precond", "sigma_data",
+    "p_mean", "p_std",
+)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Refuse a config that cannot describe a valid DP run (before anything is written)."""
+    from cipherdm_torch.errors import UserError
+
+    def finite(name, ok, what):
+        v = getattr(cfg, name)
+        if v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise UserError(f"{name} must be {what}, got {v!r}")
+
+    finite("epsilon", lambda v: v > 0, "a finite number > 0")
+    finite("delta", lambda v: 0 < v < 1, "strictly between 0 and 1")
+    finite("noise_multiplier", lambda v: v > 0, "a finite number > 0")
+    finite("max_grad_norm", lambda v: v > 0, "a finite number > 0")
+    finite("batch_size", lambda v: v >= 1, "at least 1")
+    finite("noise_multiplicity", lambda v: v >= 1, "at least 1")
+    finite("epochs", lambda v: v > 0, "a finite number > 0")
+    finite("steps", lambda v: v >= 1, "at least 1")
+    finite("max_physical_batch", lambda v: v >= 1, "at least 1")
+    finite("lr", lambda v: v > 0, "a finite number > 0")
+    finite("ema_decay", lambda v: 0 <= v <= 1, "between 0 and 1")
+    finite("dropout", lambda v: 0 <= v < 1, "in [0, 1)")
+    finite("label_dropout", lambda v: 0 <= v < 1, "in [0, 1)")
+    finite("guidance", lambda v: True, "a finite number")
+    if cfg.accountant not in ("rdp", "prv"):
+        raise UserError(f"accountant must be rdp or prv, got {cfg.accountant!r}")
+
+
+def derive_dp_seed(dp_seed: int, ledger_steps: int) -> int:
+    """The DP generator's seed for a session that starts after ``ledger_steps`` recorded steps.
+
+    Every released step is recorded in the ledger before its noise, so each session that releases
+    noise starts at a different step count and gets an independent stream: a resumed run never
+    replays the Poisson batches or the noise of an earlier session (a fresh session of a new run,
+    at 0 steps, uses ``dp_seed`` itself).
+    """
+    if ledger_steps == 0:
+        return int(dp_seed)
+    import hashlib
+
+    digest = hashlib.sha256(f"cipherdm-dp-seed:{int(dp_seed)}:{int(ledger_steps)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
 
 
 # ---------------------------------------------------------------------------- model I/O
@@ -202,6 +261,14 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10) -> None:
     os.replace(tmp, path)
 
 
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a or []) != list(b or [])
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) != float(b)
+    return a != b
+
+
 # ---------------------------------------------------------------------------- trainer
 class DPDMTrainer:
     """DP-SGD trainer of a class-conditional diffusion denoiser with noise multiplicity K.
@@ -214,6 +281,7 @@ class DPDMTrainer:
     def __init__(self, config: TrainConfig, dataset: Optional[ImageDataset] = None,
                  denoiser: Optional[Denoiser] = None, resume: bool = False):
         cfg = copy.deepcopy(config)
+        validate_config(cfg)
         self.config = cfg
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
@@ -264,7 +332,8 @@ class DPDMTrainer:
         for p in self.ema.parameters():
             p.requires_grad_(False)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # diffusion noise, label dropout
-        dp_seed = cfg.dp_seed if cfg.dp_seed is not None else secrets.randbits(62)
+        dp_seed = (derive_dp_seed(cfg.dp_seed, self.ledger.steps) if cfg.dp_seed is not None
+                   else secrets.randbits(62))
         self.dp_gen = torch.Generator().manual_seed(dp_seed)  # Poisson sampling and DP noise
         base_opt = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr)
         self.step_count = 0  # optimiser steps contained in the current weights
@@ -295,6 +364,14 @@ class DPDMTrainer:
         if not os.path.exists(path):
             raise LedgerError(f"cannot resume: no train_config.json in {output_dir}")
         d = read_json(path)
+        fixed = {k: v for k, v in overrides.items()
+                 if k in FIXED_ON_RESUME and _differs(v, d.get(k, getattr(TrainConfig, k, None)))}
+        if fixed:
+            raise LedgerError(
+                f"cannot resume {output_dir} with a different "
+                + ", ".join(f"{k} ({fixed[k]!r}, the run has {d.get(k)!r})" for k in fixed)
+                + ": the ledger and the checkpoint fix these; leave them out, or start a new run "
+                  "in a new folder")
         d.update(overrides)
         d["output_dir"] = output_dir
         return cls(TrainConfig.from_dict(d), dataset=dataset, resume=True)
@@ -325,8 +402,7 @@ class DPDMTrainer:
         if self.steps_left_in_budget() < 1:
             raise BudgetExceeded(
                 f"one more step would exceed epsilon {cfg.epsilon} (spent {self.epsilon_spent:.4f})")
-        update_eps = cfg.accountant == "rdp" or (self.step_count + 1) % cfg.log_every == 0
-        self.ledger.record_steps(cfg.noise_multiplier, self.sample_rate, 1, update_epsilon=update_eps)
+        self.ledger.record_steps(cfg.noise_multiplier, self.sample_rate, 1, update_epsilon=True)
         self.ledger.save(self.ledger_path)
         self._steps_left -= 1
         idx = poisson_sample(len(self.dataset), self.sample_rate, generator=self.dp_gen)
