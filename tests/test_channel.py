@@ -59,27 +59,36 @@ class Proxy:
                 pass
 
 
+def _connect_all(meshes, addresses_of, timeout):
+    """Connect every mesh in its own thread (``addresses_of(rank)``); return the errors."""
+    errors = []
+
+    def connect(r):
+        try:
+            meshes[r].connect(addresses_of(r), timeout=timeout)
+        except Exception as exc:  # reported by the caller
+            errors.append(exc)
+    threads = [threading.Thread(target=connect, args=(r,)) for r in range(len(meshes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def _meshes(folder, proxy_factory=None, timeout=30.0):
     """Three connected meshes; party 1 reaches party 0 through ``proxy_factory(address)``."""
     identity.create(str(folder))
     meshes = [Mesh(identity.load(str(folder), r, 3), timeout=timeout) for r in range(3)]
     addresses = [m.listen() for m in meshes]
     proxy = proxy_factory(addresses[0]) if proxy_factory else None
-    errors = []
 
-    def connect(r):
+    def addresses_of(r):
         addr = list(addresses)
         if r == 1 and proxy is not None:
             addr[0] = proxy.address
-        try:
-            meshes[r].connect(addr, timeout=timeout)
-        except Exception as exc:  # reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=connect, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        return addr
+    errors = _connect_all(meshes, addresses_of, timeout)
     if errors:
         raise errors[0]
     return meshes, proxy
@@ -123,18 +132,7 @@ def test_impostor_is_refused_before_anything_is_sent(tmp_path):
     impostor.listen()
     with pytest.raises(ChannelError):
         impostor.connect(addresses, timeout=5)  # dials party 0 first: refused by party 0
-    errors = []
-
-    def connect(r):
-        try:
-            real[r].connect(addresses, timeout=30)
-        except Exception as exc:
-            errors.append(exc)
-    threads = [threading.Thread(target=connect, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _connect_all(real, lambda r: addresses, 30)
     try:
         assert not errors, errors
         assert real[0].refused, "party 0 should have turned the impostor away"
