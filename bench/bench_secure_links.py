@@ -6,6 +6,9 @@ replicated backend) in two three-party pools side by side, interleaved, in one r
 * secure: mutually authenticated TLS 1.3 links, AES-128-CTR pairwise streams (the default);
 * plain: CrypTen's plain gloo links and MT19937 generators (insecure; for this comparison only).
 
+First the cost of one communication round (every party sends to its predecessor) with 8 B and
+800 KB per party, then the forward.
+
 Prints per variant the median wall time of a forward (party 0), the payload party 0 sent
 (cost meter), and for the secure links the bytes party 0 put on the wire (framing + TLS
 records), plus the time ratio and the wire / payload ratio, and the share of a forward's time
@@ -72,6 +75,20 @@ def _body(model_dir: str, batch: int, reps: int):
     return rows
 
 
+def _rounds(n: int, numel: int):
+    """Seconds per communication round: every party sends ``numel`` int64 to its predecessor."""
+    from cipherdm_torch import party
+    from cipherdm_torch.protocols import rss_arith as ra
+
+    rank = party().rank
+    x, buf = torch.zeros(numel, dtype=torch.long), torch.empty(numel, dtype=torch.long)
+    ra.exchange([(x, (rank - 1) % 3)], [(buf, (rank + 1) % 3)])  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ra.exchange([(x, (rank - 1) % 3)], [(buf, (rank + 1) % 3)])
+    return (time.perf_counter() - t0) / n
+
+
 def main() -> None:
     from cipherdm_torch import PartyPool
     from cipherdm_torch.secure_sample import embedded_model_dir
@@ -88,6 +105,11 @@ def main() -> None:
     try:
         for p in pools.values():
             p.start()
+        latency = {}
+        for numel in (1, 100_000):
+            for name, pool in pools.items():
+                latency[(name, numel)] = pool.run(_rounds, 300 if numel == 1 else 30, numel,
+                                                  timeout=600)[0]
         for _ in range(args.reps):  # interleaved: one forward of each, repeatedly
             for name, pool in pools.items():
                 rows[name] += pool.run(_body, model, args.batch, 1, timeout=1800)[0]
@@ -104,11 +126,17 @@ def main() -> None:
         if "wire" in r:
             line += f"   on the wire {r['wire'] / 1e6:8.2f} MB ({r['wire'] / r['payload']:.3f}x)"
         print(line)
+    for numel in (1, 100_000):
+        sec, pla = latency[("secure", numel)], latency[("plain", numel)]
+        print(f"  one round, {numel * 8:,} B per party: secure {sec * 1e3:.3f} ms, plain (gloo) "
+              f"{pla * 1e3:.3f} ms ({sec / pla:.2f}x)")
     ratio = med["secure"] / med["plain"]
     print(f"secure / plain time: {ratio:.3f}x (target <= 1.15x)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "median_seconds": med, "time_ratio": ratio}, f, indent=1)
+            json.dump({"rows": rows, "median_seconds": med, "time_ratio": ratio,
+                       "round_seconds": {f"{k[0]}/{k[1] * 8}B": v for k, v in latency.items()}},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
