@@ -11,7 +11,9 @@ truncation input is also opened (benchmark only, not secure) so that each forwar
 * the number of elements whose truncation result is off by more than one unit (a wrap),
 * the forward's max / mean error against the plaintext forward.
 
-A forward is "wrong" when its max error exceeds 1.0 (the outputs are about unit scale)::
+It also prints party 0's MB sent and rounds per forward (with ``--audit`` these include the
+audit's openings). A forward is "wrong" when its max error exceeds 1.0 (the outputs are
+about unit scale)::
 
     python bench/bench_forward_failures.py --forwards 20 --truncation probabilistic --audit
 """
@@ -55,6 +57,7 @@ def _audited(original, log):
 def _party(forwards, truncation, audit, variant="optimised"):
     from bench_unet_forward import _inputs, make_model
     from cipherdm_torch import encrypt
+    from cipherdm_torch.cost import CostMeter
     from cipherdm_torch.protocols import config, rss_arith, rss_backend
 
     info = cipherdm_torch.party()
@@ -71,10 +74,12 @@ def _party(forwards, truncation, audit, variant="optimised"):
                 rss_arith.truncate_shares = _audited(original, log)
             t0 = time.perf_counter()
             try:
-                out = enc(sx, t, sy)[0]
+                with CostMeter() as m:
+                    out = enc(sx, t, sy)[0]
             finally:
                 rss_arith.truncate_shares = original
             log["seconds"] = time.perf_counter() - t0
+            log["mb_sent"], log["rounds"] = m.total.bytes_sent / 1e6, m.total.rounds
             log["opened"] = enc.reveal(out)
             rows.append(log)
     return rows
@@ -105,7 +110,7 @@ def main(argv=None):
     print(f"{args.forwards} forwards, {args.variant} protocols, truncation={args.truncation}, output scale "
           f"max|ref| {ref.abs().max():.3f}")
     print(f"{'#':>3}{'max err':>12}{'mean err':>12}{'wrong':>7}{'trunc. elts':>13}"
-          f"{'exp. wraps':>12}{'wraps':>7}{'max|x| bits':>12}{'sec':>7}")
+          f"{'exp. wraps':>12}{'wraps':>7}{'max|x| bits':>12}{'sec':>7}{'MB P0':>8}{'rounds':>8}")
     wrong = 0
     for k, r in enumerate(rows):
         err = (r["opened"] - ref).abs()
@@ -114,7 +119,8 @@ def main(argv=None):
         r.update(max_error=err.max().item(), mean_error=err.mean().item(), wrong=bad)
         print(f"{k:>3}{r['max_error']:>12.3e}{r['mean_error']:>12.3e}{'YES' if bad else '':>7}"
               f"{r['elements']:>13}{r['expected_wraps']:>12.2e}{r['wraps']:>7}"
-              f"{r['max_abs_x_bits']:>12.1f}{r['seconds']:>7.1f}")
+              f"{r['max_abs_x_bits']:>12.1f}{r['seconds']:>7.1f}{per_party[0][k]['mb_sent']:>8.2f}"
+              f"{per_party[0][k]['rounds']:>8}")
     print(f"wrong forwards: {wrong} / {len(rows)}")
     if args.json:
         for r in rows:
