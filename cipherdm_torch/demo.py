@@ -87,18 +87,23 @@ def ledger_summary(model_dir: str) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    from .secure_sample import SampleSpec, embedded_model_dir, run, summary
+    from .errors import ArgumentParser, check_out_dir, positive_int
+    from .secure_sample import (SampleSpec, add_timeout_arg, apply_timeout, embedded_model_dir,
+                                run, summary)
 
-    parser = argparse.ArgumentParser(prog="cipherdm demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="cipherdm demo", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--basic", action="store_true", help="the small tensor demo only")
     parser.add_argument("--seed", type=int, default=0, help="the user's noise seed")
-    parser.add_argument("--steps", type=int, default=8, help="Euler sampling steps")
+    parser.add_argument("--steps", type=positive_int, default=8, help="Euler sampling steps")
     parser.add_argument("--out", default="cipherdm-demo", help="output folder")
     parser.add_argument("--backend", choices=("rss", "crypten"), default="rss")
+    add_timeout_arg(parser)
     args = parser.parse_args(argv)
+    apply_timeout(args.timeout)
     if args.basic:
         return basic_demo(args.seed)
+    check_out_dir(args.out)
     model = embedded_model_dir()
     print(ledger_summary(model))
     print(f"\nthree local parties (P0 owner, P1 user, P2 helper) securely sample one digit per "

@@ -329,6 +329,10 @@ class PartyPool:
                 break
             if deadline is not None and now > deadline:
                 self._kill()
+                if expected == "ready":
+                    raise PartyError(None, f"party start-up timed out after {timeout:.0f} s "
+                                           f"(ready: {sorted(out)}, failed: {sorted(failures)}): "
+                                           f"a party did not join the group")
                 raise PartyError(None, f"timed out after {timeout:.0f} s "
                                        f"(finished: {sorted(out)}, failed: {sorted(failures)})")
             try:

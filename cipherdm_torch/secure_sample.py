@@ -23,7 +23,11 @@ from typing import List
 
 import torch
 
-__all__ = ["SampleSpec", "EMBEDDED_MODEL", "embedded_model_dir", "load_model", "run", "main"]
+from .errors import (ArgumentParser, UserError, check_out_dir, finite_float, positive_float,
+                     positive_int)
+
+__all__ = ["SampleSpec", "EMBEDDED_MODEL", "embedded_model_dir", "load_model", "check_weights",
+           "run", "main"]
 
 EMBEDDED_MODEL = "dpdm-mnist"
 SAMPLERS = ("edm", "euler", "ddim", "ddpm")
@@ -59,7 +63,8 @@ def load_model(folder: str, with_weights: bool, ema: bool = True):
     ``with_weights=False`` builds the architecture from the config files only.
     """
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder {folder!r} does not exist")
+        raise UserError(f"model folder {folder!r} does not exist (pass a DPDM checkpoint folder "
+                        f"or a diffusers UNet2DModel folder with --model)")
     if _is_dpdm_checkpoint(folder):
         from cipherdm_torch.training.trainer import load_denoiser
 
@@ -70,8 +75,9 @@ def load_model(folder: str, with_weights: bool, ema: bool = True):
 
     sub = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
     if not os.path.exists(os.path.join(sub, "config.json")):
-        raise FileNotFoundError(f"{folder!r} is neither a DPDM checkpoint (denoiser.json) nor a "
-                                f"diffusers UNet2DModel folder (config.json)")
+        raise UserError(f"{folder!r} is neither a DPDM checkpoint (denoiser.json) nor a "
+                        f"diffusers UNet2DModel folder (config.json): pass a model folder with "
+                        f"--model")
     if with_weights:
         return UNet2DModel.from_pretrained(sub, low_cpu_mem_usage=False).eval(), "unet2d"
     return UNet2DModel.from_config(UNet2DModel.load_config(sub)).eval(), "unet2d"
@@ -94,6 +100,74 @@ def _dpdm_architecture(folder: str, ema: bool):
         bb = DiffusersBackbone(UNet2DModel.from_config(UNet2DModel.load_config(sub)),
                                meta["num_classes"])
     return Denoiser(bb, make_precond(**meta["precond"]), meta["num_classes"]).eval()
+
+
+def _weights_folder(folder: str, kind: str, ema: bool) -> str:
+    if kind == "dpdm":
+        sub = os.path.join(folder, "backbone_ema" if ema else "backbone")
+        return sub if os.path.isdir(sub) else os.path.join(folder, "backbone")
+    return os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
+
+
+def _safetensors_header(path: str) -> dict:
+    """name -> shape from a safetensors file's header; refuses a truncated or garbage file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 1 or n > min(size - 8, 100 << 20):
+            raise UserError(f"{path} is not a safetensors file (bad header): re-save or re-copy "
+                            f"the weights")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path} is not a safetensors file (unreadable header): re-save or "
+                            f"re-copy the weights") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (bad header)")
+    data, shapes = size - 8 - n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            shapes[name] = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: entry {name!r} of the header is malformed") from None
+        if not 0 <= start <= end <= data:
+            raise UserError(f"{path} is truncated or corrupt ({name!r} lies past the end of the "
+                            f"file, {size:,} bytes): re-copy the weights")
+    return shapes
+
+
+def check_weights(folder: str, kind: str, model, ema: bool = True) -> None:
+    """Before any party starts: the owner's weights file is whole and its tensors have the names
+    and shapes of the architecture that the other parties build from the config."""
+    sub = _weights_folder(folder, kind, ema)
+    path = os.path.join(sub, "diffusion_pytorch_model.safetensors")
+    if not os.path.exists(path):
+        if any(f.endswith(".bin") for f in os.listdir(sub)):
+            return  # pickle weights: checked when the owner loads them
+        raise UserError(f"no weights in {sub} (diffusion_pytorch_model.safetensors is missing)")
+    stored = _safetensors_header(path)
+    net = model.backbone if kind == "dpdm" else model
+    net = getattr(net, "unet", net)  # DiffusersBackbone saves its UNet2DModel
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    problems = []
+    if wrong:
+        problems.append("shape differs for " + ", ".join(
+            f"{k} (weights {list(stored[k])}, config {list(expected[k])})" for k in wrong[:3])
+            + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+    if problems:
+        raise UserError(f"the weights in {path} do not match the config in {sub}: "
+                        + "; ".join(problems) + " (use the config the weights were saved with)")
 
 
 def _scheduler(folder: str, sampler: str):
@@ -241,19 +315,20 @@ def summary(report: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cipherdm sample", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="cipherdm sample", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="DPDM checkpoint folder or diffusers UNet2DModel "
                     "folder (default: the embedded DP MNIST model)")
     ap.add_argument("--sampler", choices=SAMPLERS, default="euler",
                     help="edm (Heun) / euler for DPDM checkpoints; ddim / ddpm for UNet2DModel")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=positive_int, default=10)
     ap.add_argument("--labels", default="all",
                     help="comma-separated class labels, one image each, or 'all' (one per class)")
     ap.add_argument("--seed", type=int, default=None,
                     help="the user's noise seed (secret; default: a fresh one from the OS CSPRNG, "
                          "never printed)")
-    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    ap.add_argument("--guidance", type=finite_float, default=1.0,
+                    help="classifier-free guidance scale")
     ap.add_argument("--protocols", choices=("optimised", "baseline"), default="optimised")
     ap.add_argument("--backend", choices=("rss", "crypten"), default="rss",
                     help="rss: dealer-free replicated 3PC; crypten: CrypTen's own protocols")
@@ -264,38 +339,65 @@ def parser() -> argparse.ArgumentParser:
                          "seed and labels, sample in plaintext there and report the fidelity "
                          "(never with a real user's secrets)")
     ap.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
+    add_timeout_arg(ap)
     return ap
+
+
+def add_timeout_arg(ap) -> None:
+    ap.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
+                    help="how long a party waits on a link before it reports the peer as hung "
+                         "(a ChannelError naming the link); default: $CIPHERDM_LINK_TIMEOUT or "
+                         "900 s")
+
+
+def apply_timeout(seconds) -> None:
+    """Hand a user-set link timeout to the party processes (read when they set up their links)."""
+    if seconds is not None:
+        os.environ["CIPHERDM_LINK_TIMEOUT"] = repr(float(seconds))
 
 
 def parse_labels(text: str, num_classes: int) -> List[int]:
     if text == "all":
         if num_classes <= 0:
-            raise SystemExit("--labels all needs a class-conditional model; pass e.g. --labels 0,0,0")
+            raise UserError("--labels all needs a class-conditional model; pass e.g. --labels 0,0,0")
         return list(range(num_classes))
     try:
         labels = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"--labels: expected integers, got {text!r}") from None
+        raise UserError(f"--labels: expected integers, got {text!r}") from None
     if not labels:
-        raise SystemExit("--labels: at least one label (one image per label)")
+        raise UserError("--labels: at least one label (one image per label)")
     bad = [v for v in labels if num_classes > 0 and not 0 <= v < num_classes]
     if bad:
-        raise SystemExit(f"--labels: {bad} outside 0..{num_classes - 1}")
+        raise UserError(f"--labels: {bad} outside 0..{num_classes - 1}")
     return labels
 
 
 def spec_from_args(args) -> SampleSpec:
     folder = args.model or embedded_model_dir()
     if args.model is None and not os.path.isdir(folder):
-        raise SystemExit(f"no embedded model at {folder}; pass --model FOLDER")
-    model, kind = load_model(folder, with_weights=False)
+        raise UserError(f"no embedded model at {folder}; pass --model FOLDER")
+    check_out_dir(args.out)
+    try:
+        from . import netsim
+
+        if args.link not in ("", "loopback"):
+            netsim.parse(args.link)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
+    try:
+        model, kind = load_model(folder, with_weights=False, ema=not args.no_ema)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--model {folder}: cannot build the model from its config "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    check_weights(folder, kind, model, ema=not args.no_ema)
     if kind == "dpdm" and args.sampler not in ("edm", "euler"):
-        raise SystemExit(f"--sampler {args.sampler}: DPDM checkpoints use edm or euler")
+        raise UserError(f"--sampler {args.sampler}: DPDM checkpoints use edm or euler")
     if kind == "unet2d" and args.sampler not in ("ddim", "ddpm"):
-        raise SystemExit(f"--sampler {args.sampler}: UNet2DModel folders use ddim or ddpm")
+        raise UserError(f"--sampler {args.sampler}: UNet2DModel folders use ddim or ddpm")
     classes = model.num_classes if kind == "dpdm" else (model.config.get("num_class_embeds") or 0)
-    if args.steps < 1:
-        raise SystemExit("--steps must be at least 1")
     return SampleSpec(model=folder, sampler=args.sampler, steps=args.steps,
                       labels=parse_labels(args.labels, classes),
                       seed=args.seed if args.seed is not None
@@ -307,6 +409,7 @@ def spec_from_args(args) -> SampleSpec:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     spec = spec_from_args(args)
+    apply_timeout(args.timeout)
     print(f"three local parties sample {len(spec.labels)} image(s) with {spec.sampler}, "
           f"{spec.steps} steps, {spec.protocols} protocols on the {spec.backend} backend")
     report = run(spec, args.out, check=args.check)

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("rdp", "prv")
-MAX_SIGMA = 1e6
+MAX_SIGMA = 1e4  # more noise than this drowns any gradient; a target needing it is refused
 # RDP orders: Opacus' defaults extended to large orders, where the optimum lies at small epsilon /
 # large noise (Opacus' default range stops at 63 and then overstates epsilon). The ledger, the
 # budget check and the sigma search all use these same orders.

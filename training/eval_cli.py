@@ -20,11 +20,14 @@ import sys
 import time
 from typing import List, Optional
 
+from cipherdm_torch.errors import (ArgumentParser, UserError, check_out_dir, finite_float,
+                                   nonnegative_float, positive_int)
+
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cipherdm eval", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="cipherdm eval", description=__doc__.split("\n\n")[0])
     p.add_argument("source", nargs="?", default=None,
                    help="checkpoint or run folder (samples with the plaintext sampler), or a "
                         ".pt/.npz/folder of generated images + labels")
@@ -35,30 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="mnist", help="real data set: mnist | fashion-mnist | folder")
     p.add_argument("--out", default=None, help="output folder (default: <source>/eval or ./eval)")
     g = p.add_argument_group("sampling (checkpoint sources)")
-    g.add_argument("--per-class", type=int, default=100, help="images sampled per class")
+    g.add_argument("--per-class", type=positive_int, default=100, help="images sampled per class")
     g.add_argument("--method", choices=["edm", "euler", "ddim"], default="edm")
-    g.add_argument("--steps", type=int, default=18)
-    g.add_argument("--guidance", type=float, default=1.0)
-    g.add_argument("--s-churn", type=float, default=0.0, help="EDM churn (edm sampler only)")
-    g.add_argument("--batch-size", type=int, default=250)
+    g.add_argument("--steps", type=positive_int, default=18)
+    g.add_argument("--guidance", type=finite_float, default=1.0)
+    g.add_argument("--s-churn", type=nonnegative_float, default=0.0,
+                   help="EDM churn (edm sampler only)")
+    g.add_argument("--batch-size", type=positive_int, default=250)
     g.add_argument("--no-ema", action="store_true", help="use the raw, not the EMA, weights")
     g.add_argument("--save-samples", action="store_true", help="also write samples.pt")
     g = p.add_argument_group("metrics")
     g.add_argument("--classifiers", default="logreg,mlp,cnn",
                    help="comma list of logreg, mlp, cnn ('' for none)")
-    g.add_argument("--epochs", type=int, default=5, help="downstream classifier epochs")
+    g.add_argument("--epochs", type=positive_int, default=5, help="downstream classifier epochs")
     g.add_argument("--no-fid-classifier", action="store_true")
     inc = g.add_mutually_exclusive_group()
     inc.add_argument("--inception", dest="inception", action="store_true", default=None,
                      help="force FID-Inception (default: only when installed and on a GPU)")
     inc.add_argument("--no-inception", dest="inception", action="store_false")
-    g.add_argument("--inception-max", type=int, default=None, help="cap generated images for FID-Inception")
-    g.add_argument("--inception-ref-max", type=int, default=None,
+    g.add_argument("--inception-max", type=positive_int, default=None,
+                   help="cap generated images for FID-Inception")
+    g.add_argument("--inception-ref-max", type=positive_int, default=None,
                    help="cap training images for the FID-Inception reference statistics")
-    p.add_argument("--max-samples", type=int, default=None,
+    p.add_argument("--max-samples", type=positive_int, default=None,
                    help="use a fixed-seed subset of this many images (sample-file / --real sources)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -75,8 +80,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if (args.source is None) == (args.real is None):
-        print("cipherdm eval: give a source (checkpoint / samples) or --real SPLIT", file=sys.stderr)
-        return 2
+        raise UserError("cipherdm eval: give a source (checkpoint / samples) or --real SPLIT, "
+                        "not both")
+    if args.out is not None:
+        check_out_dir(args.out)
+    kinds = [k.strip() for k in args.classifiers.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ("logreg", "mlp", "cnn")]
+    if unknown:
+        raise UserError(f"--classifiers: unknown {', '.join(unknown)} (use logreg, mlp, cnn)")
     progress = not args.quiet
     t0 = time.perf_counter()
     source_info = {}
@@ -102,12 +113,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = args.out or os.path.join(args.source, "eval")
     else:
         if not os.path.exists(args.source):
-            print(f"cipherdm eval: {args.source} does not exist", file=sys.stderr)
-            return 2
+            raise UserError(f"{args.source} does not exist (give a checkpoint or run folder, or "
+                            f"a .pt / .npz of generated images and labels)")
         gen = load_generated(args.source)
         source_info = {"kind": "samples", "path": os.path.abspath(args.source)}
         out = args.out or "eval"
     source_info["seconds_to_obtain"] = round(time.perf_counter() - t0, 1)
+    check_out_dir(out)
     if args.max_samples and args.max_samples < len(gen):
         gen = gen.subset(args.max_samples, args.seed)
     os.makedirs(out, exist_ok=True)
@@ -116,7 +128,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     grid_path = os.path.join(out, "grid.png")
     save_image_grid(grid_by_class(gen, 10), grid_path, nrow=10)
 
-    kinds = [k.strip() for k in args.classifiers.split(",") if k.strip()]
     report = evaluate(gen, data=args.data, classifiers=kinds, epochs=args.epochs,
                       fid_classifier=not args.no_fid_classifier, inception=args.inception,
                       inception_max=args.inception_max, inception_ref_max=args.inception_ref_max,

@@ -50,21 +50,46 @@ def load_generated(path: str, num_classes: Optional[int] = None) -> ImageDataset
                 return load_generated(os.path.join(path, name), num_classes)
         ds = load_dataset(path, "train")
     else:
-        if path.endswith(".npz"):
-            with np.load(path) as z:
-                obj = {k: torch.from_numpy(z[k]) for k in z.files}
-        elif path.endswith((".pt", ".pth")):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(f"{path}: expected a .pt, .npz or a folder")
+        from cipherdm_torch.errors import UserError
+
+        if not os.path.isfile(path):
+            raise UserError(f"{path} does not exist (give a .pt / .npz of images and labels, a "
+                            f"folder of images, or a checkpoint folder)")
+        try:
+            if path.endswith(".npz"):
+                with np.load(path) as z:
+                    obj = {k: torch.from_numpy(z[k]) for k in z.files}
+            elif path.endswith((".pt", ".pth")):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                raise UserError(f"{path}: expected a .pt, .npz or a folder")
+        except UserError:
+            raise
+        except Exception as exc:  # empty, truncated, garbage or unsafe pickle
+            raise UserError(f"{path} cannot be read as a {os.path.splitext(path)[1]} file of "
+                            f"images and labels ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:120]})") from None
         if not isinstance(obj, dict) or "images" not in obj or "labels" not in obj:
-            raise ValueError(f"{path}: needs 'images' and 'labels' entries")
+            raise UserError(f"{path}: needs 'images' and 'labels' entries")
         images = torch.as_tensor(obj["images"])
+        labels = torch.as_tensor(obj["labels"])
+        if images.ndim not in (3, 4) or images.shape[0] == 0:
+            raise UserError(f"{path}: expected a non-empty batch of images (N, H, W) or "
+                            f"(N, C, H, W), got shape {tuple(images.shape)}")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise UserError(f"{path}: expected one label per image, got {tuple(labels.shape)} "
+                            f"labels for {images.shape[0]} images")
+        if labels.is_floating_point() or labels.dtype == torch.bool or int(labels.min()) < 0:
+            raise UserError(f"{path}: labels must be integers >= 0")
         if images.dtype != torch.uint8:
-            if images.float().min() < -1.01 or images.float().max() > 1.01:
-                raise ValueError(f"{path}: float images must lie in [-1, 1]")
+            f = images.float()
+            if not torch.isfinite(f).all():
+                raise UserError(f"{path}: {int((~torch.isfinite(f)).sum())} pixel values are NaN "
+                                f"or infinite")
+            if f.min() < -1.01 or f.max() > 1.01:
+                raise UserError(f"{path}: float images must lie in [-1, 1]")
             images = to_uint8(images)
-        labels = torch.as_tensor(obj["labels"]).long()
+        labels = labels.long()
         ds = ImageDataset(images, labels, int(labels.max()) + 1, os.path.basename(path))
     if num_classes is not None:
         ds.num_classes = num_classes

@@ -117,17 +117,16 @@ def load(folder: str, rank: int, world_size: int) -> Credentials:
 
 def main(argv=None) -> int:
     """``cipherdm keys --out DIR``: write a key and certificate for every party."""
-    import argparse
+    from ..errors import ArgumentParser, UserError, positive_int
 
-    ap = argparse.ArgumentParser(prog="cipherdm keys", description=main.__doc__)
+    ap = ArgumentParser(prog="cipherdm keys", description=main.__doc__)
     ap.add_argument("--out", required=True, help="folder to create (mode 0700)")
-    ap.add_argument("--parties", type=int, default=3, help="number of parties (default 3)")
+    ap.add_argument("--parties", type=positive_int, default=3, help="number of parties (default 3)")
     args = ap.parse_args(argv)
     try:
         create(args.out, args.parties)
     except (FileExistsError, ValueError, OSError) as exc:
-        print(f"cipherdm keys: error: {exc}")
-        return 2
+        raise UserError(f"cipherdm keys: {exc}") from None
     print(f"wrote {args.parties} identities to {args.out}/ (party<r>.key, party<r>.crt).\n"
           f"Copy every .crt to every host and party<r>.key only to party r's host; start each "
           f"party with CIPHERDM_KEYS=<folder> (see SECURITY.md).")
