@@ -12,12 +12,18 @@ import argparse
 
 from cipherdm_torch.secure_sample import SampleSpec, embedded_model_dir, run, summary
 
-ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("--model", default=embedded_model_dir())
-ap.add_argument("--steps", type=int, default=8)
-ap.add_argument("--out", default="secure-samples")
-args = ap.parse_args()
 
-spec = SampleSpec(model=args.model, sampler="euler", steps=args.steps, labels=list(range(10)),
-                  seed=1234)
-print(summary(run(spec, args.out, check=True)))
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=embedded_model_dir())
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default="secure-samples")
+    args = ap.parse_args()
+    spec = SampleSpec(model=args.model, sampler="euler", steps=args.steps, labels=list(range(10)),
+                      seed=1234)
+    print(summary(run(spec, args.out, check=True)))
+
+
+if __name__ == "__main__":  # the parties are spawned processes that import this file
+    main()
