@@ -84,5 +84,7 @@ def test_cli_from_checkpoint(tmp_path):
 
 
 def test_cli_usage_errors(tmp_path):
-    assert eval_cli.main([]) == 2
-    assert eval_cli.main([str(tmp_path / "missing.pt")]) == 2
+    from cipherdm_torch.errors import run_main  # the commands' one error path: exit 2
+
+    assert run_main(eval_cli.main, []) == 2
+    assert run_main(eval_cli.main, [str(tmp_path / "missing.pt")]) == 2

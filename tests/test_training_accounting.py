@@ -26,12 +26,21 @@ def test_dpdm_mnist_eps10_rdp_sigma_and_cross_check():
 
 @pytest.mark.parametrize("eps,published", [(1.0, 18.28), (0.2, 85.0)])
 def test_dpdm_small_epsilons_rdp(eps, published):
+    import dp_accounting
+
+    from cipherdm_torch.training.accounting import RDP_ORDERS
+
     sigma = noise_multiplier_for(eps, DELTA, Q, STEPS, "rdp")
-    # within 3% of DPDM's table (their search tolerance / RDP orders differ slightly)
-    assert sigma == pytest.approx(published, rel=0.03)
+    # at most DPDM's table and within 6% of it: the search uses a relative tolerance and RDP
+    # orders up to 1024 (DPDM's stop at 63, which overstates epsilon at small budgets)
+    assert published * 0.94 <= sigma <= published * 1.001
     got = epsilon_spent([(sigma, Q, STEPS)], DELTA)
-    assert got <= eps
-    assert got == pytest.approx(dp_accounting_epsilon([(sigma, Q, STEPS)], DELTA, "rdp"), rel=1e-3)
+    assert eps * (1 - 1e-3) <= got <= eps
+    # the same orders in Google's independent implementation give the same epsilon
+    acc = dp_accounting.rdp.RdpAccountant(orders=RDP_ORDERS)
+    acc.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(sigma)), STEPS))
+    assert got == pytest.approx(acc.get_epsilon(DELTA), rel=1e-3)
 
 
 def test_prv_matches_dp_accounting_pld():
