@@ -120,3 +120,21 @@ def test_unreachable_epsilon_is_a_user_error():
     with pytest.raises(UserError):
         noise_multiplier_for(float("nan"), 1e-5, 0.01, 10)
     assert math.isfinite(noise_multiplier_for(1.0, 1e-5, 0.01, 10))
+
+
+def test_fourier_time_embedding_backbone_is_finite():
+    from diffusers import UNet2DModel
+
+    from cipherdm_torch.training.precond import Denoiser, make_precond
+    from cipherdm_torch.training.unet import DiffusersBackbone
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                       time_embedding_type="fourier")
+    den = Denoiser(DiffusersBackbone(unet, 0), make_precond("edm"), 0).eval()
+    sigma = torch.tensor([0.002, 0.1, 0.5, 1.0, 2.0, 80.0])
+    with torch.no_grad():
+        out = den(torch.randn(6, 1, 8, 8), sigma)
+    assert torch.isfinite(out).all()

@@ -253,11 +253,20 @@ class DiffusersBackbone(nn.Module):
             class_labels = torch.full(
                 (x.shape[0],), self.num_classes, dtype=torch.long, device=x.device
             )
+        t = noise_labels.reshape(-1)
+        fourier = self.unet.config.get("time_embedding_type") == "fourier"
+        if fourier:
+            # diffusers' Fourier embedding takes log(timestep) and divides the output by the
+            # timestep (NCSN++ feeds sigma). Feed exp(c_noise): the embedding sees c_noise itself
+            # (finite for every noise level, where ln(sigma)/4 <= 0 gave NaN), and undo the division.
+            t = t.clamp(-20.0, 20.0).exp()
         out = self.unet(
             x.contiguous(),
-            noise_labels.reshape(-1),
+            t,
             class_labels=class_labels if self.num_classes > 0 else None,
         ).sample
+        if fourier:
+            out = out * t.reshape(-1, *([1] * (out.ndim - 1)))
         return out.contiguous()
 
     def save_pretrained(self, path, **kw):
