@@ -1,7 +1,7 @@
 """Benchmark every nonlinear protocol: baseline (CrypTen direct) vs optimised, per backend.
 
 Prints, in one three-party run, per function / variant / backend: bytes sent by
-party 0 per element, rounds, seconds, max and mean absolute error (relative for reciprocal / rsqrt) against the
+party 0 per element, by the busiest party ("max B"), rounds (the most any party waited), seconds, max and mean absolute error (relative for reciprocal / rsqrt) against the
 exact function on the recorded UNet input ranges (protocols/recorded_ranges: both recorded models),
 then the ratios optimised / baseline. Backends: CrypTen's ``replicated`` protocol,
 and the project's dealer-free replicated backend ``rss`` (protocols.rss_backend)
@@ -114,12 +114,17 @@ def main():
             import cipherdm_torch.protocols.rss_backend  # noqa: F401
         except ImportError:
             backends.remove("rss")
-    rows = launch(_party, args.elements, backends, args.truncation)[0]
-    hdr = f"{'function':<12}{'backend':<12}{'variant':<10}{'B/elem':>10}{'rounds':>8}{'sec':>8}{'max err':>10}{'mean err':>10}"
+    per_party = launch(_party, args.elements, backends, args.truncation)
+    rows = per_party[0]
+    for k, r in enumerate(rows):  # rounds: the most any party waited; bytes: also the busiest
+        r["rounds"] = max(p[k]["rounds"] for p in per_party)
+        r["max_party_bytes_per_element"] = max(p[k]["bytes_per_element"] for p in per_party)
+    hdr = f"{'function':<12}{'backend':<12}{'variant':<10}{'B/elem':>10}{'max B':>8}{'rounds':>8}{'sec':>8}{'max err':>10}{'mean err':>10}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['function']:<12}{r['backend']:<12}{r['variant']:<10}{r['bytes_per_element']:>10.1f}"
+              f"{r['max_party_bytes_per_element']:>8.1f}"
               f"{r['rounds']:>8}{r['seconds']:>8.2f}{r['max_error']:>10.2e}{r['mean_error']:>10.2e}")
     print("\nratios optimised / baseline (bytes, rounds, seconds); 'vs CrypTen' = optimised on this"
           " backend / baseline on CrypTen replicated")
