@@ -98,6 +98,8 @@ import cipherdm_torch  # noqa: F401  (CrypTen compatibility layer before crypten
 import crypten
 import crypten.communicator as comm
 
+from cipherdm_torch.mpc import prg
+
 __all__ = [
     "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "replicate",
     "replicate_many", "local_product", "truncate_shares", "reshare_output", "transcript",
@@ -119,15 +121,25 @@ def _rank_ws() -> Tuple[int, int]:
     return rank, ws
 
 
-def _gen(which: str, device=None) -> torch.Generator:
-    device = torch.device("cpu") if device is None else torch.device(device)
-    return crypten.generators[which][device]
-
-
 def rand_ring(size, which: str, device=None) -> torch.Tensor:
-    """Uniform int64 ring elements from the pairwise generator ``which`` ("prev"/"next")."""
-    return torch.randint(-(2 ** 63), 2 ** 63 - 1, tuple(size), generator=_gen(which, device),
-                         dtype=torch.long, device=device)
+    """Uniform int64 ring elements from this party's keyed pairwise stream ``which``
+    ("prev" / "next": AES-128-CTR under the key agreed with that neighbour, see
+    :mod:`cipherdm_torch.mpc.prg`)."""
+    if prg.has_streams() or not prg.insecure_generators_allowed():
+        return prg.stream(which).ring(tuple(size), device=device)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return torch.randint(-(2 ** 63), 2 ** 63 - 1, tuple(size),  # insecure benchmark mode only
+                         generator=crypten.generators[which][device], dtype=torch.long,
+                         device=device)
+
+
+def rand_bits(size, which: str, device=None) -> torch.Tensor:
+    """Uniform 0/1 values (uint8) from the keyed pairwise stream ``which``."""
+    if prg.has_streams() or not prg.insecure_generators_allowed():
+        return prg.stream(which).bits(tuple(size), device=device)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return torch.randint(0, 2, tuple(size), generator=crypten.generators[which][device],
+                         dtype=torch.uint8, device=device)
 
 
 def zero_share(size, device=None) -> torch.Tensor:

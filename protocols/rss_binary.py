@@ -83,10 +83,7 @@ def xor_public(x: Pair, c) -> Pair:
 
 
 def _bit_zero_share(shape, device=None) -> torch.Tensor:
-    def draw(which):
-        return torch.randint(0, 2, tuple(shape), generator=ra._gen(which, device),
-                             dtype=torch.uint8, device=device)
-    return draw("next") ^ draw("prev")
+    return ra.rand_bits(shape, "next", device) ^ ra.rand_bits(shape, "prev", device)
 
 
 def _zero_share(like: torch.Tensor) -> torch.Tensor:
