@@ -188,6 +188,7 @@ CONSOLE_CASES = ["sample --model {w}/truncated-weights", "account --epsilon nan 
                  "train --out {w}/run", "eval {w}/garbage.pt --out {w}/eval-out"]
 
 
+@pytest.mark.slow  # four fresh interpreters importing torch: ~30 s on a loaded 2-core machine
 @pytest.mark.skipif(not os.path.exists(CONSOLE), reason="console script not installed")
 def test_real_console_script(ws):
     before = _snapshot(ws)
