@@ -18,10 +18,20 @@ import pytest
 from cipherdm_torch import PartyPool
 
 
+# Every multi-party call is bounded: a deadlock fails this fast instead of hanging CI.
+DEFAULT_PARTY_TIMEOUT = float(os.environ.get("CIPHERDM_TEST_PARTY_TIMEOUT", 900))
+
+
+class _BoundedPool(PartyPool):
+    def run(self, fn, *args, timeout=None, **kwargs):
+        return super().run(fn, *args, timeout=timeout or DEFAULT_PARTY_TIMEOUT, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def parties():
-    """Three long-lived parties (gloo, CrypTen initialised, communicator metered)."""
-    pool = PartyPool(world_size=3, threads=1)
+    """Three long-lived parties (secure links, CrypTen initialised, communicator metered);
+    every ``run`` has a timeout (``DEFAULT_PARTY_TIMEOUT`` unless the test passes one)."""
+    pool = _BoundedPool(world_size=3, threads=1)
     with pool:
         yield pool
 

@@ -1,5 +1,6 @@
 """exp / SoftMax / reciprocal / rsqrt / GroupNorm / LayerNorm in three real processes."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -16,9 +17,12 @@ def _logit_scale():
     return max(abs(r["min"]), abs(r["max"])) if r else 10.0
 
 
-def _body(d):
+def _body(d, protocol):
+    from cipherdm_torch.protocols import rss_backend
+
+    rss_backend.install()
     out = {}
-    with crypten.cfg.temp_override({"mpc.protocol": "replicated"}):
+    with crypten.cfg.temp_override({"mpc.protocol": protocol}):
         ex = crypten.cryptensor(d["exp_x"])
         out["exp"] = P.exp(ex).get_plain_text()
         with config.use(exp_clip_compare=False):
@@ -43,7 +47,8 @@ def _body(d):
     return out
 
 
-def test_softmax_exp_norm_three_parties(parties):
+@pytest.mark.parametrize("protocol", ["replicated", "rss"])  # CrypTen's, and our backend
+def test_softmax_exp_norm_three_parties(parties, protocol):
     g = torch.Generator().manual_seed(0)
     s = _logit_scale()
     attn = torch.randn(2, 196, 196, generator=g)[:, :24] * s / 2  # (N, heads*L, L) rows of 196
@@ -57,7 +62,7 @@ def test_softmax_exp_norm_three_parties(parties):
         "img": img, "w": torch.rand(4, generator=g) + 0.5, "b": torch.randn(4, generator=g),
         "tokens": torch.randn(3, 7, 16, generator=g) * 4 + 1, "lw": torch.rand(16, generator=g),
     }
-    r = parties.run(_body, d)[0]
+    r = parties.run(_body, d, protocol, timeout=600)[0]
     x = d["exp_x"]
     # exp: twin and truth, clipped inputs give 0, never garbage
     assert (r["exp"] - exp_softmax.reference_exp(x)).abs().max() < 2e-3
