@@ -46,13 +46,16 @@ def inputs(name, batch=2):
 MAKERS = {"dpunet": make_dpunet, "cond_unet": make_cond_unet}
 
 
-def _body(names, variant):
+def _body(names, variant, rss=False):
+    import contextlib
+
     from cipherdm_torch import encrypt
-    from cipherdm_torch.protocols import config
+    from cipherdm_torch.protocols import config, rss_backend
 
     info = cipherdm_torch.party()
     out = {}
-    with config.use(variant):
+    backend = rss_backend.replicated_backend() if rss else contextlib.nullcontext()
+    with config.use(variant), backend:
         for name in names:
             model = MAKERS[name](0 if info.is_owner else 50 + info.rank)
             ex = inputs(name)
@@ -97,6 +100,12 @@ def test_dpunet_matches_plaintext(parties):
     assert user["dpunet"]["one_hot"] == {"class_labels": 4}  # secret labels shared one-hot
     for region in ("conv2d", "linear", "group_norm", "silu", "matmul", "softmax", "embedding"):
         assert region in user["dpunet"]["regions"]
+
+
+def test_dpunet_on_replicated_backend_matches_plaintext(parties):
+    """Fast: the shipped model's architecture with the default configuration (optimised
+    protocols on the dealer-free replicated backend)."""
+    _check(parties.run(_body, ["dpunet"], "optimised", True, timeout=600), ["dpunet"])
 
 
 @pytest.mark.slow
