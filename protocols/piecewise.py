@@ -75,8 +75,10 @@ def square_untruncated(x):
     """x^2 * 2^f as a fixed-point secret: the ring product of x with itself, NOT truncated.
 
     Exact (no probabilistic truncation error) while |x| < 2^((63 - 2f) / 2), i.e.
-    |x| < 46341 at f = 16 fractional bits; a truncated square wraps with probability
-    about x^2 / 2^32 per element (2% at |x| = 10^4). No communication of its own.
+    |x| < 46341 at f = 16 fractional bits (with the old probabilistic truncation a truncated
+    square wrapped with probability about x^2 / 2^32 per element, 2% at |x| = 10^4; the exact
+    truncation has no such failure, the untruncated square still saves a truncation).
+    No communication of its own.
     """
     xi = x.clone()
     xi.encoder = FixedPointEncoder(precision_bits=0)  # integer scale: CrypTen skips truncation
