@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from synthetic import synthetic_images
 import torch.nn as nn
 
 from cipherdm_torch.errors import UserError
@@ -19,9 +20,7 @@ torch.set_num_threads(1)
 
 
 def _data(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    imgs = (torch.rand(n, 1, 8, 8, generator=g) * 255).to(torch.uint8)
-    return ImageDataset(imgs, torch.randint(0, 3, (n,), generator=g), 3, "synthetic")
+    return synthetic_images(n, seed)
 
 
 def _cfg(out, **kw):

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from synthetic import synthetic_images
 
 from cipherdm_torch.training import (
     BudgetExceeded,
@@ -23,9 +24,7 @@ torch.set_num_threads(1)
 
 
 def _data(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    imgs = (torch.rand(n, 1, 8, 8, generator=g) * 255).to(torch.uint8)
-    return ImageDataset(imgs, torch.randint(0, 3, (n,), generator=g), 3, "synthetic")
+    return synthetic_images(n, seed)
 
 
 def _cfg(out, **kw):
