@@ -199,19 +199,17 @@ class Link:
             work.done.set()
 
     def send_abort(self, message: str) -> None:
-        """Tell the peer this party stopped (best effort, bounded wait)."""
-        data = message.encode("utf-8", "replace")[:4000]
-        done = threading.Event()
+        """Tell the peer this party stopped (best effort, bounded wait).
 
-        def run():
-            try:
-                self.sock.sendall(HEADER.pack(ABORT, 0, len(data), _label_bytes(current_label()))
-                                  + data)
-            except Exception:
-                pass
-            done.set()
-        threading.Thread(target=run, daemon=True).start()
-        done.wait(2.0)
+        Queued behind this link's pending sends, so the sender thread stays the only
+        writer of the TLS socket and the abort frame is never interleaved with a payload.
+        """
+        data = torch.frombuffer(bytearray(message.encode("utf-8", "replace")[:4000]),
+                                dtype=torch.uint8)
+        work = _SendWork(self, data, current_label())
+        self._queue.put((HEADER.pack(ABORT, 0, data.numel(), _label_bytes(work.label)), data,
+                         work))
+        work.done.wait(2.0)
 
     # -------------------------------------------------------------- receiving
     def post_recv(self, tensor: torch.Tensor, label: Optional[str] = None) -> _RecvWork:
@@ -233,10 +231,7 @@ class Link:
                     for w in self._pending:
                         w.error = exc
                         w.done.set()
-                    self._pending.clear()
-                    if head is not work:
-                        work.error = exc
-                        work.done.set()
+                    self._pending.clear()  # ``work`` was among them unless it was ``head``
                 head.done.set()
 
     def _read_exact(self, view: memoryview, what: str, label: str) -> None:

@@ -207,7 +207,8 @@ def _secure_class(base):
                 self._exchange([(t.data.contiguous(), r) for t in tensors for r in self._others()],
                                [])
             else:
-                bufs = [t.data if t.is_contiguous() else torch.empty_like(t.data) for t in tensors]
+                bufs = [t.data if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
+                        for t in tensors]  # empty_like would keep a view's strides
                 self._exchange([], [(b, src) for b in bufs])
                 for t, b in zip(tensors, bufs):
                     if b is not t.data:
