@@ -144,15 +144,22 @@ def _neg_(self):
     return self
 
 
-def _stack(tensors, *args, **kwargs):
-    """Stacked shares, and the stacked replicas when every input has one."""
-    result = _ORIG["stack"](tensors, *args, **kwargs)
-    if is_active():
-        reps = [rss_arith.cached_next(t.share) if isinstance(t, ArithmeticSharedTensor) else None
-                for t in tensors]
-        if all(r is not None for r in reps):
-            rss_arith.remember(result.share, torch.stack(reps, *args, **kwargs))
-    return result
+def _joined(name, torch_fn):
+    """CrypTen's ``stack`` / ``cat`` of shares, and the same join of the replicas when every
+    input has one (the decision depends only on the inputs' replicas, the same on every party)."""
+    def run(tensors, *args, **kwargs):
+        result = _ORIG[name](tensors, *args, **kwargs)
+        if is_active():
+            reps = [rss_arith.cached_next(t.share) if isinstance(t, ArithmeticSharedTensor)
+                    else None for t in tensors]
+            if all(r is not None for r in reps):
+                rep = torch_fn(reps, *args, **kwargs)
+                if rep.shape == result.share.shape:
+                    rss_arith.remember(result.share, rep)
+        return result
+
+    run.__name__ = name
+    return run
 
 
 # share-wise ops that act the same way on every party's share: the replica gets the same op
@@ -224,19 +231,6 @@ def _pad(self, pad, mode="constant", value=0):
     return result
 
 
-def _cat(tensors, *args, **kwargs):
-    """Concatenated shares, and the concatenated replicas when every input has one."""
-    result = _ORIG["cat"](tensors, *args, **kwargs)
-    if is_active():
-        reps = [rss_arith.cached_next(t.share) if isinstance(t, ArithmeticSharedTensor) else None
-                for t in tensors]
-        if all(r is not None for r in reps):
-            rep = torch.cat(reps, *args, **kwargs)
-            if rep.shape == result.share.shape:
-                rss_arith.remember(result.share, rep)
-    return result
-
-
 def install() -> None:
     """Register the ``"rss"`` protocol and the dispatching wrappers (idempotent)."""
     if _ORIG:
@@ -253,7 +247,7 @@ def install() -> None:
     ArithmeticSharedTensor.mul = _mul_int
     _ORIG["neg_"] = ArithmeticSharedTensor.neg_
     ArithmeticSharedTensor.neg_ = _neg_
-    ArithmeticSharedTensor.stack = staticmethod(_stack)
+    ArithmeticSharedTensor.stack = staticmethod(_joined("stack", torch.stack))
     MPCTensor._ltz = _ltz
     MPCTensor.relu = _relu
     ArithmeticSharedTensor.clone = _clone
@@ -265,7 +259,7 @@ def install() -> None:
     _ORIG["pad"] = ArithmeticSharedTensor.pad
     ArithmeticSharedTensor.pad = _pad
     _ORIG["cat"] = ArithmeticSharedTensor.cat
-    ArithmeticSharedTensor.cat = staticmethod(_cat)
+    ArithmeticSharedTensor.cat = staticmethod(_joined("cat", torch.cat))
 
 
 def enable() -> None:
