@@ -57,8 +57,9 @@ def _audited(original, log):
 def _party(forwards, truncation, audit, variant="optimised"):
     from bench_unet_forward import _inputs, make_model
     from cipherdm_torch import encrypt
-    from cipherdm_torch.cost import CostMeter
-    from cipherdm_torch.protocols import config, rss_arith, rss_backend
+    from cipherdm_torch.mpc.cost import CostMeter
+    from cipherdm_torch.protocols import config
+    from cipherdm_torch.protocols.replicated import arith as rss_arith, backend as rss_backend
 
     info = cipherdm_torch.party()
     x, t, y = _inputs(1)

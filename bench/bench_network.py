@@ -2,7 +2,7 @@
 
 Runs `cipherdm sample` (three local parties) for one model with each protocol variant and each
 link, and prints per step: seconds, MB sent by party 0, rounds, plus the ratio to loopback.
-Links are emulated at the communicator (cipherdm_torch.netsim: one one-way latency per round
+Links are emulated at the communicator (cipherdm_torch.mpc.netsim: one one-way latency per round
 plus bytes / bandwidth; LAN 1 Gbit/s 0.1 ms, WAN 100 Mbit/s 40 ms), since this machine's kernel
 has no netem.
 
@@ -16,7 +16,7 @@ import argparse
 import json
 import tempfile
 
-from cipherdm_torch.secure_sample import SampleSpec, embedded_model_dir, run
+from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run
 
 
 def main() -> None:

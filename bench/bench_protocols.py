@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import cipherdm_torch  # noqa: F401
 from cipherdm_torch import CostMeter, launch
 
 
@@ -78,7 +77,7 @@ def _party(n: int, backends, truncation: str = "exact"):
     loads = workloads(n)
     for backend in backends:
         if backend == "rss":
-            from cipherdm_torch.protocols import rss_backend
+            from cipherdm_torch.protocols.replicated import backend as rss_backend
 
             rss_backend.install()
         from cipherdm_torch.protocols import config
@@ -111,7 +110,7 @@ def main():
     backends = args.backends.split(",")
     if "rss" in backends:
         try:
-            import cipherdm_torch.protocols.rss_backend  # noqa: F401
+            import cipherdm_torch.protocols.replicated.backend  # noqa: F401
         except ImportError:
             backends.remove("rss")
     per_party = launch(_party, args.elements, backends, args.truncation)

@@ -18,11 +18,10 @@ import json
 
 import torch
 
-import cipherdm_torch  # noqa: F401
 import crypten
 
 from cipherdm_torch import PartyPool
-from cipherdm_torch.cost import CostMeter
+from cipherdm_torch.mpc.cost import CostMeter
 
 
 def _cases(g):
@@ -36,8 +35,8 @@ def _cases(g):
 
 
 def _party(x, y, a, b, img, k):
-    from cipherdm_torch.protocols import rss_arith as ra
-    from cipherdm_torch.protocols import rss_backend, rss_compare
+    from cipherdm_torch.protocols.replicated import arith as ra
+    from cipherdm_torch.protocols.replicated import backend as rss_backend, compare as rss_compare
 
     rss_backend.install()
     rows = []

@@ -29,10 +29,11 @@ import torch
 
 def _body(model_dir: str, batch: int, reps: int):
     import cipherdm_torch
-    from cipherdm_torch import CostMeter, encrypt, party
+    from cipherdm_torch import CostMeter, party
+    from cipherdm_torch import encrypt
     from cipherdm_torch.mpc import prg, secure_comm
-    from cipherdm_torch.protocols import rss_backend
-    from cipherdm_torch.secure_sample import _image_shape, load_model
+    from cipherdm_torch.protocols.replicated import backend as rss_backend
+    from cipherdm_torch.pipelines.job import _image_shape, load_model
 
     p = party()
     rss_backend.enable()
@@ -78,7 +79,7 @@ def _body(model_dir: str, batch: int, reps: int):
 def _rounds(n: int, numel: int):
     """Seconds per communication round: every party sends ``numel`` int64 to its predecessor."""
     from cipherdm_torch import party
-    from cipherdm_torch.protocols import rss_arith as ra
+    from cipherdm_torch.protocols.replicated import arith as ra
 
     rank = party().rank
     x, buf = torch.zeros(numel, dtype=torch.long), torch.empty(numel, dtype=torch.long)
@@ -91,7 +92,7 @@ def _rounds(n: int, numel: int):
 
 def main() -> None:
     from cipherdm_torch import PartyPool
-    from cipherdm_torch.secure_sample import embedded_model_dir
+    from cipherdm_torch.pipelines.job import embedded_model_dir
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,7 +3,7 @@
 For each magnitude 2^k (k = encoded bits of |x| before the division, e.g. a product at
 double scale 2^32 of two reals whose product is about 2^(k-32)) it truncates N additive
 sharings of values with |x| in [2^(k-1), 2^k) by 2^16 in three real processes, with
-both methods of :mod:`cipherdm_torch.protocols.rss_arith`:
+both methods of :mod:`cipherdm_torch.protocols.replicated.arith`:
 
 * ``probabilistic`` (ABY3's two-share truncation, the backend's method before issue 13),
 * ``exact`` (P2-assisted, the default),
@@ -23,7 +23,6 @@ import json
 
 import torch
 
-import cipherdm_torch  # noqa: F401
 from cipherdm_torch import PartyPool
 
 
@@ -38,8 +37,8 @@ def _party(n: int, bits, divisor: int, chunk: int):
     import crypten
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
 
-    from cipherdm_torch.cost import CostMeter
-    from cipherdm_torch.protocols import rss_arith as ra
+    from cipherdm_torch.mpc.cost import CostMeter
+    from cipherdm_torch.protocols.replicated import arith as ra
 
     comm = crypten.communicator.get()
     rank = comm.get_rank()

@@ -54,7 +54,7 @@ def _party(batch, variants):
         protocols, _, backend = variant.partition("+")
         ctx = contextlib.nullcontext()
         if backend == "rss":  # this project's dealer-free replicated backend
-            from cipherdm_torch.protocols import rss_backend
+            from cipherdm_torch.protocols.replicated import backend as rss_backend
             ctx = rss_backend.replicated_backend()
         with ctx, config.use(protocols):
             sx = enc.share_input("sample", x if info.is_user else None)

@@ -87,7 +87,7 @@ def _known_errors() -> tuple:
     known: List[type] = [UserError, FileNotFoundError, FileExistsError, NotADirectoryError,
                          IsADirectoryError, PermissionError]
     for module, names in (("cipherdm_torch.training.ledger", ("LedgerError", "BudgetExceeded")),
-                          ("cipherdm_torch.runtime", ("PartyError",))):
+                          ("cipherdm_torch.mpc.runtime", ("PartyError",))):
         mod = sys.modules.get(module)  # only what the command actually imported can be raised
         if mod is not None:
             known += [getattr(mod, n) for n in names]

@@ -10,7 +10,7 @@ and the fidelity against plaintext sampling with the same noise.
 
 import argparse
 
-from cipherdm_torch.secure_sample import SampleSpec, embedded_model_dir, run, summary
+from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run, summary
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Each costs one batched comparison (sign and window, 2 bits per element) plus
 about ``degree + 2`` multiplications; coefficients come from
-:mod:`.coefficients` (regenerate with ``python -m cipherdm_torch.protocols.fit``).
+:mod:`.coefficients` (regenerate with ``python -m tools.fit_coefficients``).
 Outside the window the result is exactly relu(x); the fits are continuous at
 x = 0 and at |x| = T. :func:`reference` is the plaintext twin.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from . import config
-from .coefficients import COEFFICIENTS
-from .piecewise import relu_plus_window
+from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols.coefficients import COEFFICIENTS
+from cipherdm_torch.protocols.piecewise import relu_plus_window
 
 __all__ = ["silu", "mish", "gelu", "reference", "entry"]
 

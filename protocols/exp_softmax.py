@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 
 
-from . import config
-from .reciprocal import reciprocal_scaled
-from .rss_compare import pairwise_tree
+from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
+from cipherdm_torch.protocols.replicated.compare import pairwise_tree
 
 __all__ = ["exp", "softmax", "row_max", "reference_exp", "reference_softmax"]
 

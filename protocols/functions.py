@@ -4,15 +4,15 @@ Each call dispatches on :func:`cipherdm_torch.protocols.config.current`:
 ``"baseline"`` runs CrypTen's direct method (:mod:`.baseline`), ``"optimised"``
 runs this package's protocol. Inputs and outputs are CrypTen ``MPCTensor``\\ s
 of any shape; a cost region named after the function is opened on every
-active :class:`cipherdm_torch.cost.CostMeter`.
+active :class:`cipherdm_torch.mpc.cost.CostMeter`.
 """
 
 from __future__ import annotations
 
 from typing import Sequence, Union
 
-from .. import cost
-from . import baseline, config, normalization
+from cipherdm_torch.mpc import cost
+from cipherdm_torch.protocols import baseline, config, normalization
 
 __all__ = ["silu", "mish", "gelu", "geglu", "exp", "softmax", "reciprocal", "rsqrt",
            "group_norm", "layer_norm"]
@@ -21,11 +21,11 @@ __all__ = ["silu", "mish", "gelu", "geglu", "exp", "softmax", "reciprocal", "rsq
 def _optimised(name):
     """The optimised implementation of ``name`` (imported lazily: modules are independent)."""
     if name in ("silu", "mish", "gelu"):
-        from . import activations as mod
+        from cipherdm_torch.protocols import activations as mod
     elif name in ("exp", "softmax"):
-        from . import exp_softmax as mod
+        from cipherdm_torch.protocols import exp_softmax as mod
     elif name in ("reciprocal", "rsqrt"):
-        from . import reciprocal as mod
+        from cipherdm_torch.protocols import reciprocal as mod
     else:
         raise KeyError(name)
     return getattr(mod, name)

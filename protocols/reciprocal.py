@@ -25,7 +25,7 @@ import crypten
 import torch
 from crypten.encoder import FixedPointEncoder
 
-from . import config
+from cipherdm_torch.protocols import config
 
 __all__ = ["reciprocal", "rsqrt", "exponent_onehot", "weigh", "reciprocal_scaled"]
 

@@ -20,8 +20,8 @@ import torch
 
 from cipherdm_torch import cli
 from cipherdm_torch.errors import UserError, run_main
-from cipherdm_torch.runtime import PartyError
-from cipherdm_torch.secure_sample import embedded_model_dir
+from cipherdm_torch.mpc.runtime import PartyError
+from cipherdm_torch.pipelines.job import embedded_model_dir
 
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
 
@@ -133,7 +133,7 @@ def _snapshot(root) -> dict:
 @pytest.fixture
 def no_parties(monkeypatch):
     import cipherdm_torch
-    from cipherdm_torch import runtime
+    from cipherdm_torch.mpc import runtime
 
     def trap(*a, **k):
         raise AssertionError("a party was started although the input could be checked first")

@@ -4,7 +4,7 @@ import torch
 
 import cipherdm_torch  # noqa: F401
 from cipherdm_torch import CostMeter, party
-from cipherdm_torch.cost import region
+from cipherdm_torch.mpc.cost import region
 import crypten
 import crypten.communicator as comm
 

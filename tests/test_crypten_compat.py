@@ -1,4 +1,4 @@
-"""CrypTen must import and run its MPC runtime on this PyTorch (via cipherdm_torch.crypten_compat)."""
+"""CrypTen must import and run its MPC runtime on this PyTorch (via cipherdm_torch.mpc.crypten_compat)."""
 
 import subprocess
 import sys

@@ -21,7 +21,7 @@ import crypten
 from crypten.config import cfg
 
 from cipherdm_torch.mpc import prg
-from cipherdm_torch.protocols import rss_backend
+from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 
 def _upstream():

@@ -12,7 +12,7 @@ import cipherdm_torch
 
 
 def make_dpunet(seed):
-    from cipherdm_torch.training.unet import DPUNet
+    from cipherdm_torch.diffusion.backbones import DPUNet
 
     torch.manual_seed(seed)
     return DPUNet(img_resolution=8, in_channels=1, out_channels=1, num_classes=3,
@@ -50,7 +50,8 @@ def _body(names, variant, rss=False):
     import contextlib
 
     from cipherdm_torch import encrypt
-    from cipherdm_torch.protocols import config, rss_backend
+    from cipherdm_torch.protocols import config
+    from cipherdm_torch.protocols.replicated import backend as rss_backend
 
     info = cipherdm_torch.party()
     out = {}

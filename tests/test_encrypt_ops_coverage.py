@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import cipherdm_torch
-from cipherdm_torch import graph as graph_mod
+from cipherdm_torch.compiler import graph as graph_mod
 
 
 class Toy(torch.nn.Module):
@@ -55,7 +55,7 @@ def _inputs():
 
 def _backend(name):
     if name == "rss":
-        from cipherdm_torch.protocols.rss_backend import replicated_backend
+        from cipherdm_torch.protocols.replicated.backend import replicated_backend
         return replicated_backend()
     return contextlib.nullcontext()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cipherdm_torch
-from cipherdm_torch.crypten_compat import crypten
+from cipherdm_torch.mpc.crypten_compat import crypten
 from party_views import received_recorder as _received_recorder, tensors as _tensors
 
 CONFIGS = {

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from cipherdm_torch.training.classifiers import (LogReg, MLP, SmallCNN, downstream_accuracies,
-                                                 make_classifier)
-from cipherdm_torch.training.data import load_mnist
+from cipherdm_torch.evaluation.classifiers import LogReg, MLP, SmallCNN, downstream_accuracies, make_classifier
+from cipherdm_torch.data import load_mnist
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cipherdm_torch.training import eval_cli
-from cipherdm_torch.training.evaluate import grid_by_class, load_generated, to_uint8
+from cipherdm_torch.cli import eval as eval_cli
+from cipherdm_torch.evaluation.evaluate import grid_by_class, load_generated, to_uint8
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -36,8 +36,8 @@ def test_load_generated_formats(tmp_path):
 
 def test_cli_on_real_images(tmp_path, monkeypatch):
     """Real train digits as 'generated' samples: sane accuracies, small classifier FID."""
-    from cipherdm_torch.training import evaluate as ev
-    from cipherdm_torch.training.data import load_mnist
+    from cipherdm_torch.evaluation import evaluate as ev
+    from cipherdm_torch.data import load_mnist
 
     # smaller real splits keep the test fast (reference statistics of 5000, not 60000, images)
     small = {"train": load_mnist("train").subset(5000, seed=3), "test": load_mnist("test").subset(2000, seed=3)}

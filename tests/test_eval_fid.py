@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cipherdm_torch.training.fid import (FeatureStats, feature_stats, fid_from_features,
-                                         frechet_distance, reference_stats)
-from cipherdm_torch.training.inception import (InceptionFeatures, inception_available,
-                                               legacy_bilinear_resize)
+from cipherdm_torch.evaluation.fid import FeatureStats, feature_stats, fid_from_features, frechet_distance, reference_stats
+from cipherdm_torch.evaluation.inception import InceptionFeatures, inception_available, legacy_bilinear_resize
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -59,7 +57,7 @@ def test_fid_of_gaussian_samples_converges_to_closed_form():
 
 
 def test_stats_save_load_and_reference_cache(tmp_path):
-    from cipherdm_torch.training.data import ImageDataset
+    from cipherdm_torch.data import ImageDataset
 
     calls = []
 
@@ -87,8 +85,8 @@ def test_stats_save_load_and_reference_cache(tmp_path):
 
 
 def test_feature_net_for_other_data_is_trained_once_and_cached():
-    from cipherdm_torch.training.data import ImageDataset
-    from cipherdm_torch.training.feature_net import load_feature_net
+    from cipherdm_torch.data import ImageDataset
+    from cipherdm_torch.evaluation.feature_net import load_feature_net
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(120) % 3
@@ -113,14 +111,14 @@ def test_legacy_bilinear_resize_grid():
 
 @pytest.fixture(scope="module")
 def mnist():
-    from cipherdm_torch.training.data import load_mnist
+    from cipherdm_torch.data import load_mnist
 
     return load_mnist("train").subset(6000, seed=1), load_mnist("test").subset(2000, seed=1)
 
 
 def test_classifier_fid_ranks_real_far_below_degraded(mnist):
     """Real test images sit near the training set in the feature net's space; degraded ones don't."""
-    from cipherdm_torch.training.feature_net import load_feature_net
+    from cipherdm_torch.evaluation.feature_net import load_feature_net
 
     train, test = mnist
     net = load_feature_net()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cipherdm_torch  # noqa: F401
-from cipherdm_torch import netsim
+from cipherdm_torch.mpc import netsim
 import crypten
 
 

@@ -6,9 +6,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 import cipherdm_torch
 from cipherdm_torch import party
-from cipherdm_torch.pipelines import (SecureDDIMPipeline, SecureDDPMPipeline, SecureEDMPipeline,
-                                      plaintext_edm_sample, plaintext_scheduler_sample)
-from cipherdm_torch.sampling import Noise, fidelity
+from cipherdm_torch.pipelines.secure import SecureDDIMPipeline, SecureDDPMPipeline, SecureEDMPipeline, plaintext_edm_sample, plaintext_scheduler_sample
+from cipherdm_torch.diffusion.sampling import Noise, fidelity
 from party_views import received_recorder, tensors
 
 SHAPE = (1, 8, 8)
@@ -24,8 +23,8 @@ def tiny_unet2d():
 
 
 def tiny_denoiser():
-    from cipherdm_torch.training.precond import Denoiser, EDMPrecond
-    from cipherdm_torch.training.unet import DPUNet
+    from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond
+    from cipherdm_torch.diffusion.backbones import DPUNet
 
     torch.manual_seed(1)
     net = DPUNet(img_resolution=8, num_classes=3, model_channels=4, channel_mult=(1, 2),
@@ -39,7 +38,7 @@ def _user_args(seed):
 
 
 def _secure_scheduler_runs(seed):
-    from cipherdm_torch.protocols import rss_backend
+    from cipherdm_torch.protocols.replicated import backend as rss_backend
 
     rss_backend.enable()  # the dealer-free replicated backend, as `cipherdm sample` uses
     out = {}

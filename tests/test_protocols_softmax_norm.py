@@ -18,7 +18,7 @@ def _logit_scale():
 
 
 def _body(d, protocol):
-    from cipherdm_torch.protocols import rss_backend
+    from cipherdm_torch.protocols.replicated import backend as rss_backend
 
     rss_backend.install()
     out = {}

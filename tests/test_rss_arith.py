@@ -9,9 +9,9 @@ import cipherdm_torch  # noqa: F401
 import crypten
 from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
 
-from cipherdm_torch.cost import CostMeter
-from cipherdm_torch.protocols import rss_arith as ra
-from cipherdm_torch.protocols import rss_backend
+from cipherdm_torch.mpc.cost import CostMeter
+from cipherdm_torch.protocols.replicated import arith as ra
+from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 
 

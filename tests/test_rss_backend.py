@@ -6,7 +6,7 @@ import cipherdm_torch  # noqa: F401
 import crypten
 import crypten.mpc
 
-from cipherdm_torch.protocols import rss_backend, rss_compare
+from cipherdm_torch.protocols.replicated import backend as rss_backend, compare as rss_compare
 
 
 

@@ -8,10 +8,10 @@ from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
 
-from cipherdm_torch.cost import CostMeter
-from cipherdm_torch.protocols import rss_arith as ra
-from cipherdm_torch.protocols import rss_backend, rss_compare
-from cipherdm_torch.protocols import rss_binary as rb
+from cipherdm_torch.mpc.cost import CostMeter
+from cipherdm_torch.protocols.replicated import arith as ra
+from cipherdm_torch.protocols.replicated import backend as rss_backend, compare as rss_compare
+from cipherdm_torch.protocols.replicated import binary as rb
 
 
 

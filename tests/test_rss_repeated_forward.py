@@ -34,8 +34,9 @@ def _example(size=SIZE, batch=1, seed=11):
 
 def _forwards(n, size, truncation):
     from cipherdm_torch import encrypt
-    from cipherdm_torch.cost import CostMeter
-    from cipherdm_torch.protocols import config, rss_backend
+    from cipherdm_torch.mpc.cost import CostMeter
+    from cipherdm_torch.protocols import config
+    from cipherdm_torch.protocols.replicated import backend as rss_backend
 
     info = cipherdm_torch.party()
     x, t = _example(size)

@@ -19,7 +19,7 @@ import cipherdm_torch  # noqa: F401
 import crypten
 import crypten.communicator as comm
 
-from cipherdm_torch.protocols import rss_backend, rss_compare
+from cipherdm_torch.protocols.replicated import backend as rss_backend, compare as rss_compare
 
 P_MIN = 1e-7  # per-test threshold; a few thousand tests per run -> false alarm < 1e-3
 
@@ -39,7 +39,7 @@ class _Recorder:
 
 def _view_body(kind, secrets):
     """Run protocol ``kind`` on each secret tensor; return this party's view for each."""
-    from cipherdm_torch.protocols import rss_arith as ra
+    from cipherdm_torch.protocols.replicated import arith as ra
 
     views = []
     with rss_backend.replicated_backend():

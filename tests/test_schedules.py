@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from cipherdm_torch.schedules import affine_step, apply_step
+from cipherdm_torch.diffusion.schedules import affine_step, apply_step
 
 
 def _inputs(seed):

@@ -17,7 +17,7 @@ def _randomness_body():
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
 
     from cipherdm_torch.mpc import prg, secure_comm
-    from cipherdm_torch.protocols import rss_arith as ra
+    from cipherdm_torch.protocols.replicated import arith as ra
 
     rank = party().rank
     m = secure_comm.mesh()
@@ -57,7 +57,7 @@ def test_private_arguments_reach_only_their_party(parties):
 
 
 def test_sample_command_sends_the_seed_and_labels_to_the_user_only(monkeypatch, tmp_path):
-    from cipherdm_torch import secure_sample
+    from cipherdm_torch.pipelines.secure import job as secure_sample
 
     seen = {}
 
@@ -82,7 +82,7 @@ def _desync_body():
     import crypten
 
     from cipherdm_torch.mpc.channel import op_label
-    from cipherdm_torch.protocols import rss_arith as ra, rss_backend
+    from cipherdm_torch.protocols.replicated import arith as ra, backend as rss_backend
 
     x = crypten.cryptensor(torch.ones(8), src=0)
     with rss_backend.replicated_backend():

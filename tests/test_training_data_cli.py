@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cipherdm_torch.training import cli
-from cipherdm_torch.training import data as data_mod
-from cipherdm_torch.training.data import DatasetMissing, load_dataset, read_idx
+from cipherdm_torch.cli import train as cli
+from cipherdm_torch import data as data_mod
+from cipherdm_torch.data import DatasetMissing, load_dataset, read_idx
 
 torch.set_num_threads(1)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
-from cipherdm_torch.training.precond import Denoiser, EDMPrecond, per_example_loss
-from cipherdm_torch.training.unet import DPUNet, make_diffusers_unet
+from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, per_example_loss
+from cipherdm_torch.diffusion.backbones import DPUNet, make_diffusers_unet
 
 torch.set_num_threads(1)
 

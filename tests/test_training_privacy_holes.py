@@ -124,8 +124,8 @@ def test_unreachable_epsilon_is_a_user_error():
 def test_fourier_time_embedding_backbone_is_finite():
     from diffusers import UNet2DModel
 
-    from cipherdm_torch.training.precond import Denoiser, make_precond
-    from cipherdm_torch.training.unet import DiffusersBackbone
+    from cipherdm_torch.diffusion.denoiser import Denoiser, make_precond
+    from cipherdm_torch.diffusion.backbones import DiffusersBackbone
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),

@@ -9,27 +9,14 @@ Quick start::
     print(ledger.epsilon_spent)
 """
 
-from .accounting import (
-    dp_accounting_epsilon,
-    epsilon_spent,
-    max_steps_within_budget,
-    noise_multiplier_for,
-)
-from .data import DatasetMissing, ImageDataset, load_dataset
-from .dpsgd import DPSGDEngine, poisson_sample
-from .ledger import BudgetExceeded, LedgerError, PrivacyLedger
-from .precond import Denoiser, EDMPrecond, VPrecond, make_precond, per_example_loss
-from .samplers import sample, sample_edm, sample_euler
-from .trainer import (
-    DPDMTrainer,
-    TrainConfig,
-    build_denoiser,
-    latest_checkpoint,
-    load_denoiser,
-    save_denoiser,
-    save_image_grid,
-)
-from .unet import DiffusersBackbone, DPUNet, make_diffusers_unet
+from cipherdm_torch.training.accounting import dp_accounting_epsilon, epsilon_spent, max_steps_within_budget, noise_multiplier_for
+from cipherdm_torch.data import DatasetMissing, ImageDataset, load_dataset
+from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
+from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyLedger
+from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, VPrecond, make_precond, per_example_loss
+from cipherdm_torch.diffusion.samplers import sample, sample_edm, sample_euler
+from cipherdm_torch.training.trainer import DPDMTrainer, TrainConfig, build_denoiser, latest_checkpoint, load_denoiser, save_denoiser, save_image_grid
+from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DPUNet, make_diffusers_unet
 
 __all__ = [
     "DPDMTrainer", "TrainConfig", "build_denoiser", "load_denoiser", "save_denoiser",

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .accounting import epsilon_spent, max_steps_within_budget, merge_history
+from cipherdm_torch.training.accounting import epsilon_spent, max_steps_within_budget, merge_history
 
 __all__ = ["PrivacyLedger", "atomic_write_json", "read_json", "LedgerError", "BudgetExceeded"]
 

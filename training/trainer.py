@@ -31,13 +31,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .accounting import noise_multiplier_for
-from .data import ImageDataset, load_dataset
-from .dpsgd import DPSGDEngine, poisson_sample
-from .ledger import BudgetExceeded, LedgerError, PrivacyLedger, atomic_write_json, read_json
-from .precond import Denoiser, make_precond
-from .samplers import sample as sample_images
-from .unet import DiffusersBackbone, DPUNet, count_parameters, make_diffusers_unet
+from cipherdm_torch.training.accounting import noise_multiplier_for
+from cipherdm_torch.data import ImageDataset, load_dataset
+from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
+from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyLedger, atomic_write_json, read_json
+from cipherdm_torch.diffusion.denoiser import Denoiser, make_precond
+from cipherdm_torch.diffusion.samplers import sample as sample_images
+from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DPUNet, count_parameters, make_diffusers_unet
 
 __all__ = [
     "TrainConfig",

@@ -41,8 +41,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .identity import Credentials, fingerprint
-from .prg import KeyStream
+from cipherdm_torch.mpc.identity import Credentials, fingerprint
+from cipherdm_torch.mpc.prg import KeyStream
 
 __all__ = ["ChannelError", "DesyncError", "Mesh", "op_label", "current_label", "HEADER",
            "wire_bytes", "tls_record_overhead"]

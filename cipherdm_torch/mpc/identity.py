@@ -117,7 +117,7 @@ def load(folder: str, rank: int, world_size: int) -> Credentials:
 
 def main(argv=None) -> int:
     """``cipherdm keys --out DIR``: write a key and certificate for every party."""
-    from ..errors import ArgumentParser, UserError, positive_int
+    from cipherdm_torch.errors import ArgumentParser, UserError, positive_int
 
     ap = ArgumentParser(prog="cipherdm keys", description=main.__doc__)
     ap.add_argument("--out", required=True, help="folder to create (mode 0700)")

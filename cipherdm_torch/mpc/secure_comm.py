@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import prg
-from .channel import ChannelError, Mesh
-from .identity import Credentials
+from cipherdm_torch.mpc import prg
+from cipherdm_torch.mpc.channel import ChannelError, Mesh
+from cipherdm_torch.mpc.identity import Credentials
 
 __all__ = ["setup", "install", "mesh", "is_secure", "patch_randomness"]
 

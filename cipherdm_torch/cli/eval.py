@@ -73,9 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from .data import load_dataset
-    from .evaluate import evaluate, find_ledger, grid_by_class, load_generated, sample_checkpoint
-    from .trainer import save_image_grid
+    from cipherdm_torch.data import load_dataset
+    from cipherdm_torch.evaluation.evaluate import evaluate, find_ledger, grid_by_class, load_generated, sample_checkpoint
+    from cipherdm_torch.training.trainer import save_image_grid
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import cipherdm_torch  # noqa: F401
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch.overrides import TorchFunctionMode
 
@@ -49,7 +48,7 @@ def build_unet() -> UNet2DModel:
 
 def mnist(n: int) -> torch.Tensor:
     try:
-        from cipherdm_torch.training.data import load_mnist
+        from cipherdm_torch.data import load_mnist
 
         data = load_mnist("train")
         return data.float_images()[:n]
@@ -161,8 +160,8 @@ def record(unet, images, rec: Recorder, n: int = 8) -> None:
 @torch.no_grad()
 def record_shipped(denoiser, images, rec: Recorder, n: int = 10) -> None:
     """EDM-18 Heun and Euler-8 (the demo's) trajectories, then noised data over the sigma range."""
-    from cipherdm_torch.pipelines import plaintext_edm_sample
-    from cipherdm_torch.training.samplers import edm_sigmas
+    from cipherdm_torch.pipelines.secure import plaintext_edm_sample
+    from cipherdm_torch.diffusion.samplers import edm_sigmas
 
     labels = list(range(n))
     with rec:
@@ -188,7 +187,7 @@ def main():
     images = mnist(20000)
     rec = Recorder()
     if args.model == "shipped":
-        from cipherdm_torch.secure_sample import embedded_model_dir, load_model
+        from cipherdm_torch.pipelines.job import embedded_model_dir, load_model
 
         denoiser, _ = load_model(embedded_model_dir(), with_weights=True)
         record_shipped(denoiser.eval(), images, rec)

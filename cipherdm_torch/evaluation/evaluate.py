@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .data import ImageDataset, load_dataset
+from cipherdm_torch.data import ImageDataset, load_dataset
 
 __all__ = ["evaluate", "load_generated", "sample_checkpoint", "to_uint8", "grid_by_class",
            "find_ledger"]
@@ -98,7 +98,7 @@ def load_generated(path: str, num_classes: Optional[int] = None) -> ImageDataset
 
 def find_ledger(folder: str) -> Optional[dict]:
     """The privacy ledger (as a dict) of a checkpoint folder or its run folder, if any."""
-    from .ledger import read_json
+    from cipherdm_torch.training.ledger import read_json
 
     for d in (folder, os.path.dirname(os.path.abspath(folder))):
         p = os.path.join(d, "ledger.json")
@@ -111,7 +111,7 @@ def sample_checkpoint(folder: str, per_class: int = 100, method: str = "edm", nu
                       guidance: float = 1.0, batch_size: int = 250, seed: int = 0,
                       ema: bool = True, progress: bool = True, **sampler_kw) -> ImageDataset:
     """``per_class`` images of every class from a checkpoint (or run) folder, plaintext sampling."""
-    from .trainer import latest_checkpoint, load_denoiser
+    from cipherdm_torch.training.trainer import latest_checkpoint, load_denoiser
 
     if not os.path.isfile(os.path.join(folder, "denoiser.json")) and os.path.isfile(os.path.join(folder, "ledger.json")):
         ck = latest_checkpoint(folder)
@@ -130,7 +130,7 @@ def sample_checkpoint(folder: str, per_class: int = 100, method: str = "edm", nu
         from tqdm.auto import tqdm
         it = tqdm(it, desc=f"sample ({method}, {num_steps} steps)", unit="batch")
     for i in it:
-        from .samplers import sample
+        from cipherdm_torch.diffusion.samplers import sample
 
         x = sample(den, labels[i:i + batch_size], method=method, num_steps=num_steps,
                    guidance=guidance, generator=g, **sampler_kw)
@@ -179,7 +179,7 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
     classifiers = list(classifiers)
     if classifiers:
         t0 = time.perf_counter()
-        from .classifiers import downstream_accuracies
+        from cipherdm_torch.evaluation.classifiers import downstream_accuracies
 
         downstream = downstream_accuracies(generated.images, generated.labels, test, kinds=classifiers,
                                            epochs=epochs, seed=seed, device=device, progress=progress)
@@ -188,10 +188,10 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
         report["classifier_epochs"] = epochs
         report["seconds"]["classifiers"] = round(time.perf_counter() - t0, 1)
 
-    from .fid import feature_stats, fid_from_features, reference_stats
+    from cipherdm_torch.evaluation.fid import feature_stats, fid_from_features, reference_stats
 
     if fid_classifier:
-        from .feature_net import load_feature_net
+        from cipherdm_torch.evaluation.feature_net import load_feature_net
 
         t0 = time.perf_counter()
         net = load_feature_net(data, train, progress=progress).to(device)
@@ -203,7 +203,7 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
                                         "test_accuracy": net.meta.get("test_accuracy")}
         report["seconds"]["fid_classifier"] = round(time.perf_counter() - t0, 1)
 
-    from .inception import InceptionFeatures, inception_available
+    from cipherdm_torch.evaluation.inception import InceptionFeatures, inception_available
 
     run_inc = inception if inception is not None else (inception_available() and device != "cpu")
     if run_inc:

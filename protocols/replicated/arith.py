@@ -18,7 +18,7 @@ between parties: before issue 13 a view inherited its base's replica only when t
 base was contiguous, and a truncation output was contiguous on party 2 only, so
 party 2 skipped a re-share the others made and gloo aborted). Replicas are attached
 only by code that runs identically on all parties: the protocols here (truncation,
-re-share), and the share-wise wrappers of :mod:`.rss_backend` / ``cipherdm_torch.ops``
+re-share), and the share-wise wrappers of :mod:`.rss_backend` / ``cipherdm_torch.compiler.ops``
 (view, index, permute, stack, cat, add, sub, negation, integer multiple, ...), which
 attach one exactly when every input had one, on every party, and check only shapes.
 The only share edits CrypTen makes on one party alone (party 0 adding a public value
@@ -83,7 +83,7 @@ units after a product truncation). That failure is what ruined one forward in
 fourteen in issue 13 (measured by ``bench/bench_truncation.py``).
 
 This module is also the CrypTen ``protocol`` named ``"rss"`` (see
-:mod:`cipherdm_torch.protocols.rss_backend`): it exposes ``mul``, ``matmul``,
+:mod:`cipherdm_torch.protocols.replicated.backend`): it exposes ``mul``, ``matmul``,
 ``conv1d``, ``conv2d``, ``conv_transpose1d``, ``conv_transpose2d``, ``square``
 and ``truncate`` with the signatures CrypTen's ``ArithmeticSharedTensor`` calls.
 """
@@ -94,7 +94,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-import cipherdm_torch  # noqa: F401  (CrypTen compatibility layer before crypten)
 import crypten
 import crypten.communicator as comm
 
@@ -412,7 +411,7 @@ def _truncate_probabilistic(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Ten
 
 
 def _truncation_method() -> str:
-    from . import config
+    from cipherdm_torch.protocols import config
 
     return config.current().truncation
 

@@ -30,7 +30,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from . import rss_arith as ra
+from cipherdm_torch.protocols.replicated import arith as ra
 
 __all__ = ["Pair", "random_bits", "bits_of", "xor", "xor_public", "and_many", "and_", "from_arith",
            "csa", "a2b", "msb", "b2a_bit", "b2a", "reveal_binary", "pack_bits", "unpack_bits"]

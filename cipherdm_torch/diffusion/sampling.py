@@ -1,8 +1,8 @@
 """Denoising loops that run unchanged on plaintext tensors and on secret shares.
 
 The UNet call is the only expensive part of a step; everything else is a
-public affine map (:mod:`cipherdm_torch.schedules` for diffusers' DDPM / DDIM,
-``cipherdm_torch.training.samplers`` coefficients for the EDM / Euler sampler
+public affine map (:mod:`cipherdm_torch.diffusion.schedules` for diffusers' DDPM / DDIM,
+``cipherdm_torch.diffusion.samplers`` coefficients for the EDM / Euler sampler
 of DPDM-trained denoisers). The loops below only use ``*``, ``+`` and ``relu``
 on the state, so feeding them CrypTen tensors gives the secure sampler and
 feeding them torch tensors gives its plaintext twin, which draws the same noise
@@ -16,8 +16,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import cost
-from .schedules import affine_step, apply_step, public_clamp
+from cipherdm_torch.mpc import cost
+from cipherdm_torch.diffusion.schedules import affine_step, apply_step, public_clamp
 
 __all__ = ["Noise", "SharedNoise", "StepLog", "scheduler_loop", "edm_loop", "fidelity"]
 
@@ -121,8 +121,7 @@ def edm_loop(denoise: Callable, sigmas: Sequence[float], x, noise: Noise, heun: 
              s_churn: float = 0.0, s_min: float = 0.0, s_max: float = float("inf"),
              s_noise: float = 1.0, log: Optional[StepLog] = None, progress: bool = False):
     """EDM sampler (Heun or Euler, optional churn) for ``D = denoise(x, sigma)``; VE form."""
-    from cipherdm_torch.training.samplers import (churn, churn_gamma, euler_coefficients,
-                                                  heun_coefficients)
+    from cipherdm_torch.diffusion.samplers import churn, churn_gamma, euler_coefficients, heun_coefficients
 
     sig = [float(s) for s in sigmas]
     n = len(sig) - 1

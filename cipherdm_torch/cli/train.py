@@ -47,7 +47,7 @@ def _sample_rate(s: str) -> float:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .trainer import TrainConfig
+    from cipherdm_torch.training.trainer import TrainConfig
 
     d = TrainConfig()
     g = p.add_argument_group("data / output")
@@ -173,7 +173,7 @@ def _explicit(argv: List[str], parser: argparse.ArgumentParser) -> set:
 
 
 def _cmd_train(args, argv: List[str]) -> int:
-    from .trainer import FIXED_ON_RESUME, DPDMTrainer, TrainConfig
+    from cipherdm_torch.training.trainer import FIXED_ON_RESUME, DPDMTrainer, TrainConfig
 
     keys = {f for f in TrainConfig.__dataclass_fields__}
     given = {k: v for k, v in vars(args).items() if k in keys}
@@ -193,7 +193,7 @@ def _cmd_train(args, argv: List[str]) -> int:
         if os.path.exists(path):
             with open(path) as f:
                 stored = json.load(f)
-        from .trainer import _differs
+        from cipherdm_torch.training.trainer import _differs
 
         changed = [k for k in fixed if k in stored and _differs(given[k], stored[k])]
         if changed:
@@ -237,8 +237,8 @@ def _train_actions():
 def _cmd_sample(args) -> int:
     import torch
 
-    from .samplers import sample
-    from .trainer import latest_checkpoint, load_denoiser, save_image_grid
+    from cipherdm_torch.diffusion.samplers import sample
+    from cipherdm_torch.training.trainer import latest_checkpoint, load_denoiser, save_image_grid
 
     path = args.checkpoint
     if os.path.exists(os.path.join(path, "ledger.json")) and not os.path.exists(
@@ -258,7 +258,7 @@ def _cmd_sample(args) -> int:
 def _cmd_account(args) -> int:
     import math
 
-    from .accounting import dp_accounting_epsilon, epsilon_spent, noise_multiplier_for
+    from cipherdm_torch.training.accounting import dp_accounting_epsilon, epsilon_spent, noise_multiplier_for
 
     if args.q is not None and args.batch_size is not None:
         raise UserError("give either --q or --batch-size (with --n), not both")
@@ -293,7 +293,7 @@ def _cmd_account(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import default_bench_config, format_table, run_bench
+    from cipherdm_torch.cli.bench import default_bench_config, format_table, run_bench
 
     cfg = default_bench_config(model_channels=args.channels, channel_mult=args.mults,
                                num_res_blocks=args.res_blocks, backbone=args.backbone,

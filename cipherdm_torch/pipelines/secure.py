@@ -16,10 +16,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import cost
-from .crypten_compat import crypten
-from .runtime import party
-from .sampling import SharedNoise, StepLog, edm_loop, scheduler_loop
+from cipherdm_torch.mpc import cost
+from cipherdm_torch.mpc.crypten_compat import crypten
+from cipherdm_torch.mpc.runtime import party
+from cipherdm_torch.diffusion.sampling import SharedNoise, StepLog, edm_loop, scheduler_loop
 
 __all__ = ["SecureSampleOutput", "SecureDDPMPipeline", "SecureDDIMPipeline", "SecureEDMPipeline",
            "model_output", "model_image_shape", "plaintext_scheduler_sample", "plaintext_edm_sample"]
@@ -160,7 +160,7 @@ class SecureEDMPipeline(_SecurePipeline):
                  class_labels=None, guidance_scale: float = 1.0, heun: bool = True,
                  s_churn: float = 0.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, progress: bool = True) -> SecureSampleOutput:
-        from cipherdm_torch.training.samplers import cfg_coefficients, edm_sigmas
+        from cipherdm_torch.diffusion.samplers import cfg_coefficients, edm_sigmas
 
         guided = self.num_classes > 0 and guidance_scale != 1.0
         sigmas = edm_sigmas(num_inference_steps, sigma_min, sigma_max, rho).tolist()
@@ -196,7 +196,7 @@ def plaintext_scheduler_sample(unet, scheduler, batch_size: int = 1,
                                seed: int = 0, class_labels=None, eta: float = 0.0,
                                ddpm: bool = False) -> torch.Tensor:
     """What the secure DDPM / DDIM pipeline computes, in plaintext with the same noise draws."""
-    from .sampling import Noise
+    from cipherdm_torch.diffusion.sampling import Noise
 
     if image_shape is None:
         image_shape = model_image_shape(unet) or (1, 28, 28)
@@ -217,9 +217,9 @@ def plaintext_edm_sample(denoiser, batch_size: int = 1, num_inference_steps: int
                          sigma_min: float = 0.002, sigma_max: float = 80.0,
                          rho: float = 7.0) -> torch.Tensor:
     """What ``SecureEDMPipeline`` computes, in plaintext, for a ``training.Denoiser``."""
-    from cipherdm_torch.training.samplers import edm_sigmas, guided
+    from cipherdm_torch.diffusion.samplers import edm_sigmas, guided
 
-    from .sampling import Noise
+    from cipherdm_torch.diffusion.sampling import Noise
 
     sigmas = edm_sigmas(num_inference_steps, sigma_min, sigma_max, rho).tolist()
     noise = Noise(seed)

@@ -23,8 +23,7 @@ from typing import List
 
 import torch
 
-from .errors import (ArgumentParser, UserError, check_out_dir, finite_float, positive_float,
-                     positive_int)
+from cipherdm_torch.errors import ArgumentParser, UserError, check_out_dir, finite_float, positive_float, positive_int
 
 __all__ = ["SampleSpec", "EMBEDDED_MODEL", "embedded_model_dir", "load_model", "check_weights",
            "run", "main"]
@@ -87,8 +86,8 @@ def _dpdm_architecture(folder: str, ema: bool):
     from diffusers import UNet2DModel
 
     from cipherdm_torch.training.ledger import read_json
-    from cipherdm_torch.training.precond import Denoiser, make_precond
-    from cipherdm_torch.training.unet import DiffusersBackbone, DPUNet
+    from cipherdm_torch.diffusion.denoiser import Denoiser, make_precond
+    from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DPUNet
 
     meta = read_json(os.path.join(folder, "denoiser.json"))
     sub = os.path.join(folder, "backbone_ema" if ema else "backbone")
@@ -194,10 +193,12 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
     the user's process (and, with ``check``, the owner's, which then computes the plaintext
     twin where the weights are).
     """
-    from cipherdm_torch import encrypt, netsim, party
-    from cipherdm_torch.pipelines import (SecureDDIMPipeline, SecureDDPMPipeline,
-                                          SecureEDMPipeline)
-    from cipherdm_torch.protocols import config as pconfig, rss_backend
+    from cipherdm_torch.compiler import encrypt
+    from cipherdm_torch.mpc import netsim
+    from cipherdm_torch import party
+    from cipherdm_torch.pipelines.secure import SecureDDIMPipeline, SecureDDPMPipeline, SecureEDMPipeline
+    from cipherdm_torch.protocols import config as pconfig
+    from cipherdm_torch.protocols.replicated import backend as rss_backend
 
     p = party()
     if spec.link not in ("", "loopback"):
@@ -245,7 +246,7 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
 
 def plaintext_twin(spec: SampleSpec) -> torch.Tensor:
     """The same sampling in plaintext (same model, noise and labels)."""
-    from cipherdm_torch.pipelines import plaintext_edm_sample, plaintext_scheduler_sample
+    from cipherdm_torch.pipelines.secure import plaintext_edm_sample, plaintext_scheduler_sample
 
     model, kind = load_model(spec.model, with_weights=True, ema=spec.ema)
     shape = _image_shape(model, kind)
@@ -261,12 +262,12 @@ def plaintext_twin(spec: SampleSpec) -> torch.Tensor:
 def run(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
     """Launch the three parties, write the grid and the report; return the report."""
     from cipherdm_torch import launch
-    from cipherdm_torch.sampling import fidelity
+    from cipherdm_torch.diffusion.sampling import fidelity
     from cipherdm_torch.training.trainer import save_image_grid
 
     from dataclasses import replace
 
-    from cipherdm_torch.runtime import Roles
+    from cipherdm_torch.mpc.runtime import Roles
 
     os.makedirs(out_dir, exist_ok=True)
     roles = Roles()
@@ -379,7 +380,7 @@ def spec_from_args(args) -> SampleSpec:
         raise UserError(f"no embedded model at {folder}; pass --model FOLDER")
     check_out_dir(args.out)
     try:
-        from . import netsim
+        from cipherdm_torch.mpc import netsim
 
         if args.link not in ("", "loopback"):
             netsim.parse(args.link)

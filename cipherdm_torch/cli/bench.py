@@ -15,10 +15,10 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .dpsgd import DPSGDEngine
-from .precond import per_example_loss
-from .trainer import TrainConfig, build_denoiser
-from .unet import count_parameters
+from cipherdm_torch.training.dpsgd import DPSGDEngine
+from cipherdm_torch.diffusion.denoiser import per_example_loss
+from cipherdm_torch.training.trainer import TrainConfig, build_denoiser
+from cipherdm_torch.diffusion.backbones import count_parameters
 
 __all__ = ["bench_one", "run_bench", "format_table"]
 

@@ -9,7 +9,7 @@ higher). Its numbers are not comparable with published Inception FIDs.
 The MNIST network ships as ``cipherdm_torch/assets/mnist_feature_net.safetensors``; reproduce it
 with::
 
-    python -m cipherdm_torch.training.feature_net --data mnist \\
+    python -m cipherdm_torch.evaluation.feature_net --data mnist \\
         --out cipherdm_torch/assets/mnist_feature_net.safetensors
 
 For any other data set, ``load_feature_net(name, train_set)`` trains one (same recipe) and caches it
@@ -28,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-from .classifiers import SmallCNN, accuracy, train_classifier
+from cipherdm_torch.evaluation.classifiers import SmallCNN, accuracy, train_classifier
 
 __all__ = ["FeatureNet", "train_feature_net", "save_feature_net", "read_feature_net",
            "load_feature_net", "main"]
@@ -115,10 +115,10 @@ def load_feature_net(data: str = "mnist", train_set=None, progress: bool = True)
     if data.lower() == "mnist":
         return read_feature_net(_asset_path())
     if train_set is None:
-        from .data import load_dataset
+        from cipherdm_torch.data import load_dataset
 
         train_set = load_dataset(data, "train")
-    from .fid import cache_dir
+    from cipherdm_torch.evaluation.fid import cache_dir
 
     fp = train_set.fingerprint().split(":")[-1][:24]
     path = os.path.join(os.path.dirname(cache_dir()), "feature_nets", f"{fp}.safetensors")
@@ -130,7 +130,7 @@ def load_feature_net(data: str = "mnist", train_set=None, progress: bool = True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cipherdm_torch.training.feature_net",
+    p = argparse.ArgumentParser(prog="python -m cipherdm_torch.evaluation.feature_net",
                                 description="train the classifier-feature FID network")
     p.add_argument("--data", default="mnist")
     p.add_argument("--out", default=None, help="safetensors file (default: the package asset)")
@@ -138,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from .data import load_dataset
+    from cipherdm_torch.data import load_dataset
 
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     net = train_feature_net(train, test, epochs=args.epochs)

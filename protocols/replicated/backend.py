@@ -45,7 +45,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import cipherdm_torch  # noqa: F401
 import crypten
 from crypten.config import cfg
 from crypten.mpc import MPCTensor
@@ -56,7 +55,7 @@ from crypten.common.tensor_types import is_tensor
 import torch
 from crypten.encoder import FixedPointEncoder
 
-from . import rss_arith, rss_binary, rss_compare
+from cipherdm_torch.protocols.replicated import arith as rss_arith, binary as rss_binary, compare as rss_compare
 
 __all__ = ["NAME", "install", "is_active", "enable", "disable", "replicated_backend"]
 

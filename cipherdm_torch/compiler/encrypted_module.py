@@ -8,10 +8,10 @@
   owner's weights reach them solely as pseudo-random zero sharings (``crypten.cryptensor(w,
   src=owner)``: the owner adds its values to its own share, nothing is sent).
 
-The model is exported once per input signature (:mod:`cipherdm_torch.graph`) and interpreted
+The model is exported once per input signature (:mod:`cipherdm_torch.compiler.graph`) and interpreted
 node by node: public-only nodes (timestep embedding, shapes, constants) run in plaintext torch,
-secret nodes through :mod:`cipherdm_torch.ops`, each op type in its own cost-meter region so a
-:class:`~cipherdm_torch.cost.CostMeter` around a forward gives the per-op breakdown. Secret
+secret nodes through :mod:`cipherdm_torch.compiler.ops`, each op type in its own cost-meter region so a
+:class:`~cipherdm_torch.mpc.cost.CostMeter` around a forward gives the per-op breakdown. Secret
 inputs are shared from the user's rank (:meth:`EncryptedModule.share_input`) and results go
 back to the user only (:func:`reveal`).
 
@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from . import cost, graph as graph_mod, ops
-from .crypten_compat import crypten
-from .mpc.channel import op_label
-from .runtime import party
+from cipherdm_torch.mpc import cost
+from cipherdm_torch.compiler import graph as graph_mod, ops
+from cipherdm_torch.mpc.crypten_compat import crypten
+from cipherdm_torch.mpc.channel import op_label
+from cipherdm_torch.mpc.runtime import party
 
 __all__ = ["EncryptedModule", "FixedPointRangeWarning", "encrypt", "fixed_point_limit", "reveal"]
 
@@ -440,7 +441,7 @@ def encrypt(model: torch.nn.Module, example_inputs, *, public: Iterable[str] = g
     or glob patterns, e.g. ``["time_proj"]`` for diffusers' Gaussian Fourier projection): the
     owner's values are sent to every party and whatever depends only on them and on public
     inputs runs in plaintext. Never list real weights here.
-    Raises :class:`~cipherdm_torch.graph.UnsupportedOpsError` listing every unsupported op
+    Raises :class:`~cipherdm_torch.compiler.graph.UnsupportedOpsError` listing every unsupported op
     before any secret is shared.
     """
     info = party()

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.multiprocessing as mp
 
-from . import cost, netsim
+from cipherdm_torch.mpc import cost, netsim
 
 __all__ = ["Roles", "PartyInfo", "PartyError", "PartyPool", "launch", "party", "under_torchrun"]
 
@@ -95,8 +95,8 @@ def init_party(rank: int, world_size: int, rendezvous: str, roles: Roles = Roles
     benchmark can measure what the secure links cost.
     """
     global _PARTY
-    from .crypten_compat import crypten
-    from .mpc import identity, secure_comm
+    from cipherdm_torch.mpc.crypten_compat import crypten
+    from cipherdm_torch.mpc import identity, secure_comm
 
     roles.check(world_size)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), RENDEZVOUS=rendezvous,
@@ -111,7 +111,7 @@ def init_party(rank: int, world_size: int, rendezvous: str, roles: Roles = Roles
                              "`cipherdm keys --out DIR` (every party's .crt, this party's .key)")
         secure_comm.setup(identity.load(keys, rank, world_size))
     else:
-        from .mpc import prg
+        from cipherdm_torch.mpc import prg
 
         prg.allow_insecure_generators()
     cost.install()
@@ -159,7 +159,7 @@ def _party_main(rank, world_size, rendezvous, roles, crypten_config, threads, ta
         os._exit(1)
     import crypten
 
-    from .mpc import secure_comm
+    from cipherdm_torch.mpc import secure_comm
 
     secure_comm.teardown()
     crypten.uninit()
@@ -244,7 +244,7 @@ class PartyPool:
         rendezvous = f"file://{self._tmp}/rendezvous"
         keys = self.keys
         if self.secure and keys is None:
-            from .mpc import identity
+            from cipherdm_torch.mpc import identity
 
             keys = os.path.join(self._tmp, "keys")
             identity.create(keys, self.world_size)

@@ -5,23 +5,23 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import DEBUG_FLAG, run_main
+from cipherdm_torch.errors import DEBUG_FLAG, run_main
 
 # subcommand -> (module with a ``main(argv)``, arguments put before the user's, one-line help)
 COMMANDS = {
-    "demo": ("cipherdm_torch.demo", [],
+    "demo": ("cipherdm_torch.cli.demo", [],
              "end-to-end demo: three parties securely sample digits from the embedded DP model"),
-    "sample": ("cipherdm_torch.secure_sample", [],
+    "sample": ("cipherdm_torch.pipelines.job", [],
                "securely sample images from a model with three parties"),
-    "train": ("cipherdm_torch.training.cli", ["train"],
+    "train": ("cipherdm_torch.cli.train", ["train"],
               "train a diffusion model with DP-SGD (DPDM)"),
-    "eval": ("cipherdm_torch.training.eval_cli", [],
+    "eval": ("cipherdm_torch.cli.eval", [],
              "evaluate a trained model: downstream accuracy, FID"),
     "keys": ("cipherdm_torch.mpc.identity", [],
              "create the parties' TLS identities (one key and pinned certificate per party)"),
-    "account": ("cipherdm_torch.training.cli", ["account"],
+    "account": ("cipherdm_torch.cli.train", ["account"],
                 "noise multiplier for (epsilon, delta), or epsilon for a noise multiplier"),
-    "bench": ("cipherdm_torch.training.cli", ["bench"],
+    "bench": ("cipherdm_torch.cli.train", ["bench"],
               "DP-SGD step vs non-private step: time and peak memory for several K"),
 }
 

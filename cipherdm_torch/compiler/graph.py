@@ -22,7 +22,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_flatten
 
-from . import ops
+from cipherdm_torch.compiler import ops
 
 __all__ = ["ModelGraph", "UnsupportedOpsError", "bind_inputs", "export_graph", "secret_nodes",
            "unsupported_ops", "where", "rewrite", "fold_state", "hints"]

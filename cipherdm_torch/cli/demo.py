@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .cost import CostMeter
-from .runtime import Roles, launch, party
+from cipherdm_torch.mpc.cost import CostMeter
+from cipherdm_torch.mpc.runtime import Roles, launch, party
 
 
 def _demo_party(x: torch.Tensor = None, w: torch.Tensor = None):
@@ -87,9 +87,8 @@ def ledger_summary(model_dir: str) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    from .errors import ArgumentParser, check_out_dir, positive_int
-    from .secure_sample import (SampleSpec, add_timeout_arg, apply_timeout, embedded_model_dir,
-                                run, summary)
+    from cipherdm_torch.errors import ArgumentParser, check_out_dir, positive_int
+    from cipherdm_torch.pipelines.job import SampleSpec, add_timeout_arg, apply_timeout, embedded_model_dir, run, summary
 
     parser = ArgumentParser(prog="cipherdm demo", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)

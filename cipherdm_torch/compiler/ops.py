@@ -1,11 +1,11 @@
 """ATen op -> secret-share implementation registry.
 
-The encrypted module (:mod:`cipherdm_torch.encrypt`) interprets a model's ATen graph node by
+The encrypted module (:mod:`cipherdm_torch.compiler.encrypted_module`) interprets a model's ATen graph node by
 node. A node whose inputs are all public runs in plaintext torch; a node with at least one
 secret (CrypTen) input runs the implementation registered here for its ATen op. Each entry
 carries a ``kind`` (the cost-meter region its communication is attributed to) and an optional
 ``check(node)`` that rejects argument combinations we do not support, so that
-:func:`cipherdm_torch.graph.unsupported_ops` can list every problem before any secret
+:func:`cipherdm_torch.compiler.graph.unsupported_ops` can list every problem before any secret
 computation starts.
 
 Why the shape ops are cheap: CrypTen's arithmetic shares are plain int64 tensors, and every
@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .crypten_compat import crypten
+from cipherdm_torch.mpc.crypten_compat import crypten
 
 __all__ = ["OpImpl", "register", "lookup", "supported_ops", "is_secret", "lift", "local",
            "nonlinear", "wrap"]
@@ -94,7 +94,7 @@ def _carry_replica(sources, result, fn) -> None:
     (Otherwise the next multiplication would re-share a tensor each party could derive.)
     """
     try:
-        from cipherdm_torch.protocols import rss_arith  # type: ignore
+        from cipherdm_torch.protocols.replicated import arith as rss_arith  # type: ignore
     except ImportError:
         return
     reps = [rss_arith.cached_next(s) for s in sources]
@@ -310,7 +310,7 @@ def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 
 def _region(name):
-    from .cost import region
+    from cipherdm_torch.mpc.cost import region
     return region(name)
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import torch
 
-import cipherdm_torch  # noqa: F401
 import crypten
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
-from . import rss_arith as ra
-from . import rss_binary as rb
+from cipherdm_torch.protocols.replicated import arith as ra
+from cipherdm_torch.protocols.replicated import binary as rb
 
 __all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_share",
            "pairwise_tree"]

@@ -13,12 +13,16 @@ magnitude lies just below an integer decodes one unit too far from zero
 (-12.99998 -> -13.99998, -1e6 -> -1000015). :func:`_decode` replaces it with
 floor division by the scale plus the exact remainder.
 
-This module is applied automatically by ``import cipherdm_torch``.
+The fixes are applied when MPC is first used: ``from cipherdm_torch.mpc.crypten_compat import
+crypten`` applies them and returns the module; ``import cipherdm_torch`` only installs :func:`install_import_hook`, so that a
+user's own ``import crypten`` after it gets the fixes too, while DP training never loads CrypTen.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import types
 
@@ -66,4 +70,37 @@ def apply() -> types.ModuleType:
     return crypten
 
 
-crypten = apply()
+class _CryptenImportHook(importlib.abc.MetaPathFinder):
+    """Apply the fixes around the first ``import crypten``, whoever triggers it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "crypten" or "crypten" in sys.modules:
+            return None
+        sys.meta_path.remove(self)  # one shot; the real finders do the import
+        _install_onnx_registration_stand_in()
+        spec = importlib.util.find_spec("crypten")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            from crypten.encoder import FixedPointEncoder
+            FixedPointEncoder.decode = _decode
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def install_import_hook() -> None:
+    """Make a later ``import crypten`` (by anyone) apply the fixes; imports nothing now."""
+    if "crypten" in sys.modules or any(isinstance(f, _CryptenImportHook) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _CryptenImportHook())
+
+
+def __getattr__(name: str):
+    """``from cipherdm_torch.mpc.crypten_compat import crypten`` applies the fixes on first use."""
+    if name == "crypten":
+        return apply()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

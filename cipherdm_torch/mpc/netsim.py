@@ -11,7 +11,7 @@ computing overlap.
 
 Select a link per party with :func:`activate` or the environment variable
 ``CIPHERDM_LINK`` (``lan``, ``wan`` or ``<Mbit/s>:<ms>``), read by
-:func:`cipherdm_torch.runtime.init_party`.
+:func:`cipherdm_torch.mpc.runtime.init_party`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import cost
+from cipherdm_torch.mpc import cost
 
 __all__ = ["LinkProfile", "PROFILES", "activate", "deactivate", "from_env"]
 
