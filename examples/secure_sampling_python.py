@@ -11,10 +11,9 @@ import argparse
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from cipherdm_torch import Roles, launch, party
-from cipherdm_torch import encrypt
-from cipherdm_torch.pipelines.secure import SecureDDIMPipeline
-from cipherdm_torch.protocols.replicated.backend import replicated_backend
+from cipherdm_torch import Roles, encrypt, launch, party
+from cipherdm_torch.pipelines import SecureDDIMPipeline
+from cipherdm_torch.protocols.replicated import replicated_backend
 
 
 def job(model_dir, steps=50, batch_size=4):

@@ -10,9 +10,8 @@ only smaller. Prints the plaintext-vs-secure difference and the per-op cost of o
 import torch
 from diffusers import UNet2DConditionModel
 
-from cipherdm_torch import encrypt
-from cipherdm_torch import launch, party
-from cipherdm_torch.pipelines.secure import model_output
+from cipherdm_torch import encrypt, launch, party
+from cipherdm_torch.pipelines import model_output
 
 
 def tiny_sd_unet():

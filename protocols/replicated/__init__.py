@@ -6,3 +6,7 @@
 * :mod:`.backend` — the only place that patches CrypTen: :func:`~.backend.install`
   (with a CrypTen version check) and :func:`~.backend.uninstall`, plus the switches.
 """
+
+from .backend import disable, enable, install, is_active, replicated_backend, uninstall
+
+__all__ = ["install", "uninstall", "enable", "disable", "is_active", "replicated_backend"]

@@ -98,6 +98,7 @@ import crypten
 import crypten.communicator as comm
 
 from cipherdm_torch.mpc import prg
+from cipherdm_torch.protocols import config
 
 __all__ = [
     "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "replicate",
@@ -411,8 +412,6 @@ def _truncate_probabilistic(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Ten
 
 
 def _truncation_method() -> str:
-    from cipherdm_torch.protocols import config
-
     return config.current().truncation
 
 

@@ -32,8 +32,8 @@ in :mod:`.rss_arith`).
 CrypTen's own protocols stay the default and the baseline: the patches only act
 when ``cfg.mpc.protocol == "rss"``. Select the backend with::
 
-    from cipherdm_torch.protocols import rss_backend
-    with rss_backend.replicated_backend():     # or rss_backend.enable() / disable()
+    from cipherdm_torch.protocols.replicated import replicated_backend
+    with replicated_backend():                 # or enable() / disable()
         y = (x * w).relu()                     # no Beaver triple, no dealer
 
 or ``crypten.cfg.mpc.protocol = "rss"`` after :func:`install`. It must be done in
@@ -57,7 +57,7 @@ from crypten.encoder import FixedPointEncoder
 
 from cipherdm_torch.protocols.replicated import arith as rss_arith, binary as rss_binary, compare as rss_compare
 
-__all__ = ["NAME", "install", "is_active", "enable", "disable", "replicated_backend"]
+__all__ = ["NAME", "install", "uninstall", "is_active", "enable", "disable", "replicated_backend"]
 
 NAME = "rss"
 _BILINEAR = ("mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d")
@@ -172,8 +172,7 @@ _RANK0_INPLACE = ("index_add_", "scatter_add_")
 
 
 def _sharewise(name):
-    orig = getattr(ArithmeticSharedTensor, name)
-    _ORIG[name] = orig
+    orig = _ORIG[name]
 
     def run(self, *args, **kwargs):
         result = orig(self, *args, **kwargs)
@@ -204,8 +203,7 @@ def _replica_view(template, xn):
 
 
 def _rank0_inplace(name):
-    orig = getattr(ArithmeticSharedTensor, name)
-    _ORIG[name] = orig
+    orig = _ORIG[name]
 
     def run(self, *args, **kwargs):
         result = orig(self, *args, **kwargs)
@@ -230,46 +228,82 @@ def _pad(self, pad, mode="constant", value=0):
     return result
 
 
+SUPPORTED_CRYPTEN = ("0.4.1",)  # the CrypTen versions whose private attributes we patch
+
+# (owner, attribute) -> the raw class attribute it had before install() (staticmethods kept)
+_SAVED: dict = {}
+_PREVIOUS_PROTOCOL: list = []
+
+
+def _patch(owner, name: str, new) -> None:
+    _SAVED[(owner, name)] = owner.__dict__.get(name, _MISSING)
+    setattr(owner, name, new)
+
+
+_MISSING = object()
+
+
 def install() -> None:
-    """Register the ``"rss"`` protocol and the dispatching wrappers (idempotent)."""
-    if _ORIG:
+    """Register the ``"rss"`` protocol and the dispatching wrappers (idempotent).
+
+    Every CrypTen attribute this backend touches is patched here and nowhere else, after a
+    version check (they are private, so another CrypTen release may have moved them);
+    :func:`uninstall` puts them all back.
+    """
+    if _SAVED:
         return
-    setattr(_arith_mod, NAME, rss_arith)  # found by ArithmeticSharedTensor via globals()
-    _ORIG["_ltz"] = MPCTensor._ltz
-    _ORIG["relu"] = MPCTensor.relu
-    _ORIG["clone"] = ArithmeticSharedTensor.clone
-    _ORIG["rand"] = MPCTensor.rand
-    MPCTensor.rand = staticmethod(_rand)
-    _ORIG["_arithmetic_function"] = ArithmeticSharedTensor._arithmetic_function
-    _ORIG["mul"] = ArithmeticSharedTensor.mul
-    _ORIG["stack"] = ArithmeticSharedTensor.stack
-    ArithmeticSharedTensor.mul = _mul_int
-    _ORIG["neg_"] = ArithmeticSharedTensor.neg_
-    ArithmeticSharedTensor.neg_ = _neg_
-    ArithmeticSharedTensor.stack = staticmethod(_joined("stack", torch.stack))
-    MPCTensor._ltz = _ltz
-    MPCTensor.relu = _relu
-    ArithmeticSharedTensor.clone = _clone
-    ArithmeticSharedTensor._arithmetic_function = _arithmetic_function
+    if crypten.__version__ not in SUPPORTED_CRYPTEN:
+        raise RuntimeError(
+            f"the replicated backend patches private attributes of CrypTen "
+            f"{', '.join(SUPPORTED_CRYPTEN)}; CrypTen {crypten.__version__} is installed. Install "
+            f"crypten=={SUPPORTED_CRYPTEN[-1]} or use the 'crypten' backend")
+    for name in ("_ltz", "relu", "clone", "_arithmetic_function", "mul", "neg_", "stack", "pad",
+                 "cat", "rand", *_SHAREWISE, *_SHAREWISE_MANY, *_RANK0_INPLACE):
+        owner = MPCTensor if name in ("_ltz", "relu", "rand") else ArithmeticSharedTensor
+        _ORIG[name] = getattr(owner, name)
+    _patch(_arith_mod, NAME, rss_arith)  # found by ArithmeticSharedTensor via globals()
+    _patch(MPCTensor, "rand", staticmethod(_rand))
+    _patch(MPCTensor, "_ltz", _ltz)
+    _patch(MPCTensor, "relu", _relu)
+    _patch(ArithmeticSharedTensor, "mul", _mul_int)
+    _patch(ArithmeticSharedTensor, "neg_", _neg_)
+    _patch(ArithmeticSharedTensor, "clone", _clone)
+    _patch(ArithmeticSharedTensor, "_arithmetic_function", _arithmetic_function)
+    _patch(ArithmeticSharedTensor, "pad", _pad)
+    _patch(ArithmeticSharedTensor, "stack", staticmethod(_joined("stack", torch.stack)))
+    _patch(ArithmeticSharedTensor, "cat", staticmethod(_joined("cat", torch.cat)))
     for name in _SHAREWISE + _SHAREWISE_MANY:
-        setattr(ArithmeticSharedTensor, name, _sharewise(name))
+        _patch(ArithmeticSharedTensor, name, _sharewise(name))
     for name in _RANK0_INPLACE:
-        setattr(ArithmeticSharedTensor, name, _rank0_inplace(name))
-    _ORIG["pad"] = ArithmeticSharedTensor.pad
-    ArithmeticSharedTensor.pad = _pad
-    _ORIG["cat"] = ArithmeticSharedTensor.cat
-    ArithmeticSharedTensor.cat = staticmethod(_joined("cat", torch.cat))
+        _patch(ArithmeticSharedTensor, name, _rank0_inplace(name))
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: CrypTen's own attributes back, the ``"rss"`` protocol gone."""
+    if cfg.mpc.protocol == NAME:
+        cfg.mpc.protocol = _PREVIOUS_PROTOCOL[0] if _PREVIOUS_PROTOCOL else "beaver"
+    _PREVIOUS_PROTOCOL.clear()
+    for (owner, name), raw in _SAVED.items():
+        if raw is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, raw)
+    _SAVED.clear()
+    _ORIG.clear()
 
 
 def enable() -> None:
     """Select the replicated backend for this process (all later MPCTensor ops)."""
     install()
+    if cfg.mpc.protocol != NAME:
+        _PREVIOUS_PROTOCOL.append(cfg.mpc.protocol)
     cfg.mpc.protocol = NAME
 
 
-def disable(protocol: str = "beaver") -> None:
-    """Go back to one of CrypTen's own protocols."""
-    cfg.mpc.protocol = protocol
+def disable(protocol: str = None) -> None:
+    """Leave the replicated backend: back to the protocol :func:`enable` replaced (or ``protocol``)."""
+    previous = _PREVIOUS_PROTOCOL.pop() if _PREVIOUS_PROTOCOL else "beaver"
+    cfg.mpc.protocol = protocol or previous
 
 
 @contextmanager
