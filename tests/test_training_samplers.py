@@ -100,3 +100,91 @@ def test_guided_denoiser_is_linear_cfg():
     assert imgs.shape == (3, 1, 8, 8) and imgs.abs().max() <= 1
     for m in ("euler", "ddim"):
         assert sample(den, labels=[1], num_steps=3, method=m).shape == (1, 1, 8, 8)
+
+
+# ------------------------------------------------------------------ the one loop, bit for bit
+# The plaintext samplers as they were before they became callers of ``edm_loop`` (frozen here):
+# the same generator must give the same bits.
+def _reference_init_noise(shape, sigma0, generator, device):
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float64).float() * float(sigma0)
+
+
+@torch.no_grad()
+def _reference_sample_euler(denoise, shape, labels=None, sigmas=None, num_steps=50, generator=None,
+                            device="cpu"):
+    sigmas = edm_sigmas(num_steps) if sigmas is None else sigmas
+    x = _reference_init_noise(shape, sigmas[0], generator, device)
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        a, b = euler_coefficients(s, s_next)
+        x = a * x + b * denoise(x, s, labels)
+    return x
+
+
+@torch.no_grad()
+def _reference_sample_edm(denoise, shape, labels=None, num_steps=18, sigma_min=0.002,
+                          sigma_max=80.0, rho=7.0, s_churn=0.0, s_min=0.0, s_max=float("inf"),
+                          s_noise=1.0, generator=None, device="cpu"):
+    sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
+    x = _reference_init_noise(shape, sigmas[0], generator, device)
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        gamma = churn_gamma(s, num_steps, s_churn, s_min, s_max)
+        s_hat, std = churn(s, gamma, s_noise)
+        if std > 0:
+            x = x + std * torch.randn(x.shape, generator=generator, device=x.device)
+        d1 = denoise(x, s_hat, labels)
+        a, b = euler_coefficients(s_hat, s_next)
+        if s_next == 0.0:
+            x = a * x + b * d1
+            continue
+        x_e = a * x + b * d1
+        d2 = denoise(x_e, s_next, labels)
+        cx, c1, c2 = heun_coefficients(s_hat, s_next)
+        x = cx * x + c1 * d1 + c2 * d2
+    return x
+
+
+def _toy(x, sigma, labels):
+    return torch.tanh(x * 0.7) * 0.5 + x * (0.1 / (1.0 + float(sigma)))
+
+
+def _gen(seed=3):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(s_churn=7.0), dict(s_churn=40.0, s_min=0.05, s_max=10.0,
+                                                                 s_noise=1.01, num_steps=7),
+                                dict(sigma_min=0.2, rho=5.0, num_steps=4)])
+def test_sample_edm_bit_identical_to_the_reference(kw):
+    shape = (3, 1, 5, 5)
+    want = _reference_sample_edm(_toy, shape, generator=_gen(), **kw)
+    got = sample_edm(_toy, shape, generator=_gen(), **kw)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("sigmas", [None, "ddpm"])
+def test_sample_euler_bit_identical_to_the_reference(sigmas):
+    shape = (2, 1, 4, 4)
+    sig = ddpm_sigmas(9) if sigmas == "ddpm" else None
+    want = _reference_sample_euler(_toy, shape, sigmas=sig, num_steps=9, generator=_gen())
+    got = sample_euler(_toy, shape, sigmas=sig, num_steps=9, generator=_gen())
+    assert torch.equal(got, want)
+
+
+def test_sample_bit_identical_to_the_reference():
+    torch.manual_seed(0)
+    den = Denoiser(DPUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2),
+                          num_res_blocks=1, attn_resolutions=(4,), dropout=0.0),
+                   EDMPrecond(), num_classes=3).eval()
+    labels = torch.tensor([0, 2, 1])
+    shape = (3, 1, 8, 8)
+    fn = guided(den, 1.5)
+    cases = {
+        "edm": _reference_sample_edm(fn, shape, labels, num_steps=3, s_churn=2.0, generator=_gen()),
+        "euler": _reference_sample_euler(fn, shape, labels, num_steps=3, generator=_gen()),
+        "ddim": _reference_sample_euler(fn, shape, labels, sigmas=ddpm_sigmas(3), generator=_gen()),
+    }
+    for method, want in cases.items():
+        kw = {"s_churn": 2.0} if method == "edm" else {}
+        got = sample(den, labels=labels, method=method, num_steps=3, guidance=1.5,
+                     generator=_gen(), **kw)
+        assert torch.equal(got, want.clamp(-1, 1)), method
