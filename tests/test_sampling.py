@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 import cipherdm_torch  # noqa: F401
 from cipherdm_torch import CostMeter, party
 from cipherdm_torch.diffusion.sampling import Noise, SharedNoise, StepLog, edm_loop, fidelity, scheduler_loop
-from cipherdm_torch.diffusion.samplers import edm_sigmas
+from cipherdm_torch.diffusion.edm import edm_sigmas
 import crypten
 
 SHAPE = (2, 1, 6, 6)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, VPrecond, edm_coefficients
-from cipherdm_torch.diffusion.samplers import cfg_coefficients, churn, churn_gamma, ddpm_sigmas, edm_sigmas, euler_coefficients, guided, heun_coefficients, sample, sample_edm, sample_euler
+from cipherdm_torch.diffusion.edm import cfg_coefficients, churn, churn_gamma, ddpm_sigmas, edm_sigmas, euler_coefficients, guided, heun_coefficients
+from cipherdm_torch.diffusion.sampling import sample, sample_edm, sample_euler
 from cipherdm_torch.diffusion.backbones import DPUNet
 
 torch.set_num_threads(1)

@@ -14,7 +14,7 @@ from cipherdm_torch.data import DatasetMissing, ImageDataset, load_dataset
 from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
 from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, VPrecond, make_precond, per_example_loss
-from cipherdm_torch.diffusion.samplers import sample, sample_edm, sample_euler
+from cipherdm_torch.diffusion.sampling import sample, sample_edm, sample_euler
 from cipherdm_torch.training.trainer import DPDMTrainer, TrainConfig, build_denoiser, latest_checkpoint, load_denoiser, save_denoiser, save_image_grid
 from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DPUNet, make_diffusers_unet
 

@@ -36,7 +36,7 @@ from cipherdm_torch.data import ImageDataset, load_dataset
 from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
 from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyLedger, atomic_write_json, read_json
 from cipherdm_torch.diffusion.denoiser import Denoiser, make_precond
-from cipherdm_torch.diffusion.samplers import sample as sample_images
+from cipherdm_torch.diffusion.sampling import sample as sample_images
 from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DPUNet, count_parameters, make_diffusers_unet
 
 __all__ = [

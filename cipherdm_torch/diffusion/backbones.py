@@ -19,7 +19,7 @@ Design notes (DP-SGD with Opacus and, later, secure evaluation on secret shares)
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ __all__ = [
     "DPUNet",
     "DiffusersBackbone",
     "make_diffusers_unet",
+    "image_shape",
     "sinusoidal_embedding",
     "count_parameters",
     "group_count",
@@ -307,3 +308,22 @@ def make_diffusers_unet(
         num_class_embeds=(num_classes + 1) if num_classes > 0 else None,
     )
     return DiffusersBackbone(unet, num_classes)
+
+
+def image_shape(model) -> Optional[Tuple[int, int, int]]:
+    """(channels, height, width) of a model's samples, read from its config; None if it does not say.
+
+    ``model``: a :class:`~cipherdm_torch.diffusion.denoiser.Denoiser` (read through its backbone),
+    the project's UNet (``in_channels``, ``img_resolution``), a :class:`DiffusersBackbone` or a
+    diffusers ``UNet2DModel`` (``in_channels``, ``sample_size``: an int or (height, width)).
+    """
+    model = getattr(model, "backbone", model)
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    channels, size = get("in_channels"), get("img_resolution") or get("sample_size")
+    if channels is None or size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(channels), int(h), int(w)

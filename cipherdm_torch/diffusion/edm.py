@@ -1,9 +1,10 @@
-"""Plaintext samplers for a trained denoiser ``D(x; sigma, labels)`` (variance-exploding form).
+"""EDM maths for a denoiser ``D(x; sigma, labels)`` in variance-exploding form: noise levels and
+the public coefficients of every update.
 
-The denoiser call and the per-step update are kept apart: every update is *linear* in the current
-state and the denoiser outputs, with public coefficients computed by the plain functions below, so
-the same update can later run on secret shares (a secure sampler calls the encrypted denoiser and
-applies these coefficients to shares).
+Every update is *linear* in the current state and the denoiser outputs, with public coefficients
+computed by the plain functions below, so the one sampling loop
+(:func:`cipherdm_torch.diffusion.sampling.edm_loop`) runs them unchanged on plaintext tensors and on
+secret shares.
 
 * ``euler_coefficients(s, s_next) -> (a, b)``: x_next = a x + b D(x; s). On the VE ODE this is
   DDIM (eta = 0).
@@ -12,6 +13,7 @@ applies these coefficients to shares).
 * ``churn(s, gamma, s_noise) -> (s_hat, noise_std)``: x_hat = x + noise_std z (EDM's churn).
 * ``cfg_coefficients(w) -> (cu, cc)``: D = cu D(x; s, null) + cc D(x; s, y); w = 1 is plain
   conditional sampling, w = 0 unconditional, w > 1 stronger guidance.
+* ``guided(denoiser, w)``: a plaintext denoise function with classifier-free guidance.
 
 Noise-level schedules: ``edm_sigmas`` (Karras et al., rho = 7) and ``ddpm_sigmas`` (the
 VE-equivalent sigmas of a discrete linear-beta DDPM schedule, for DDIM over its timesteps).
@@ -20,7 +22,7 @@ VE-equivalent sigmas of a discrete linear-beta DDPM schedule, for DDIM over its 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -33,12 +35,11 @@ __all__ = [
     "churn_gamma",
     "cfg_coefficients",
     "guided",
-    "sample_euler",
-    "sample_edm",
-    "sample",
+    "DenoiseFn",
 ]
 
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+# D(x, sigma, labels): the plaintext denoiser call the samplers make
+DenoiseFn = Callable[[torch.Tensor, float, Optional[torch.Tensor]], torch.Tensor]
 
 
 # ------------------------------------------------------------------ schedules and coefficients
@@ -61,14 +62,14 @@ def ddpm_sigmas(num_steps: int, num_train_steps: int = 1000, beta_start: float =
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
 
 
-def euler_coefficients(sigma: float, sigma_next: float):
+def euler_coefficients(sigma: float, sigma_next: float) -> Tuple[float, float]:
     """x_next = a x + b D  (Euler / DDIM on the VE probability-flow ODE)."""
     sigma, sigma_next = float(sigma), float(sigma_next)
     a = sigma_next / sigma
     return a, 1.0 - a
 
 
-def heun_coefficients(sigma: float, sigma_next: float):
+def heun_coefficients(sigma: float, sigma_next: float) -> Tuple[float, float, float]:
     """x_next = cx x + c1 D(x; sigma) + c2 D(x_euler; sigma_next) (Heun; Euler if sigma_next = 0)."""
     sigma, sigma_next = float(sigma), float(sigma_next)
     if sigma_next == 0.0:
@@ -90,19 +91,19 @@ def churn_gamma(sigma: float, num_steps: int, s_churn: float, s_min: float = 0.0
     return min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
 
 
-def churn(sigma: float, gamma: float, s_noise: float = 1.0):
+def churn(sigma: float, gamma: float, s_noise: float = 1.0) -> Tuple[float, float]:
     """(sigma_hat, noise_std): raise the noise level to sigma_hat by adding noise_std * z."""
     sigma = float(sigma)
     s_hat = sigma * (1.0 + gamma)
     return s_hat, s_noise * math.sqrt(max(s_hat**2 - sigma**2, 0.0))
 
 
-def cfg_coefficients(guidance: float):
+def cfg_coefficients(guidance: float) -> Tuple[float, float]:
     """(cu, cc) with D = cu D_uncond + cc D_cond."""
     return 1.0 - float(guidance), float(guidance)
 
 
-# ------------------------------------------------------------------ denoiser calls
+# ------------------------------------------------------------------ guidance
 def guided(denoiser: torch.nn.Module, guidance: float = 1.0, null_label: Optional[int] = None) -> DenoiseFn:
     """A denoise function with classifier-free guidance (one batched call for cond + uncond)."""
     null = denoiser.null_label if null_label is None else null_label
@@ -119,76 +120,3 @@ def guided(denoiser: torch.nn.Module, guidance: float = 1.0, null_label: Optiona
         return cu * du + cc * dc
 
     return fn
-
-
-# ------------------------------------------------------------------ samplers
-def _init_noise(shape, sigma0, generator, device):
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float64).float() * float(sigma0)
-
-
-@torch.no_grad()
-def sample_euler(denoise: DenoiseFn, shape, labels=None, sigmas: Optional[torch.Tensor] = None,
-                 num_steps: int = 50, generator=None, device="cpu", x=None) -> torch.Tensor:
-    """Deterministic Euler / DDIM sampling along ``sigmas`` (default: EDM schedule)."""
-    sigmas = edm_sigmas(num_steps) if sigmas is None else sigmas
-    if x is None:
-        x = _init_noise(shape, sigmas[0], generator, device)
-    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        a, b = euler_coefficients(s, s_next)
-        x = a * x + b * denoise(x, s, labels)
-    return x
-
-
-@torch.no_grad()
-def sample_edm(denoise: DenoiseFn, shape, labels=None, num_steps: int = 18,
-               sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-               s_churn: float = 0.0, s_min: float = 0.0, s_max: float = float("inf"),
-               s_noise: float = 1.0, generator=None, device="cpu", x=None) -> torch.Tensor:
-    """EDM's stochastic sampler (Heun, churn): ``s_churn = 0`` gives the deterministic Heun ODE."""
-    sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
-    if x is None:
-        x = _init_noise(shape, sigmas[0], generator, device)
-    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        gamma = churn_gamma(s, num_steps, s_churn, s_min, s_max)
-        s_hat, std = churn(s, gamma, s_noise)
-        if std > 0:
-            x = x + std * torch.randn(x.shape, generator=generator, device=x.device)
-        d1 = denoise(x, s_hat, labels)
-        if s_next == 0.0:
-            a, b = euler_coefficients(s_hat, s_next)
-            x = a * x + b * d1
-            continue
-        a, b = euler_coefficients(s_hat, s_next)
-        x_e = a * x + b * d1
-        d2 = denoise(x_e, s_next, labels)
-        cx, c1, c2 = heun_coefficients(s_hat, s_next)
-        x = cx * x + c1 * d1 + c2 * d2
-    return x
-
-
-def sample(denoiser, labels=None, num_samples: Optional[int] = None, method: str = "edm",
-           num_steps: int = 18, guidance: float = 1.0, generator=None, shape=None, **kw):
-    """Images in [-1, 1] from a ``Denoiser``: ``method`` "edm" (Heun + churn), "euler", "ddim"."""
-    was_training = denoiser.training
-    denoiser.eval()
-    if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        num_samples = len(labels)
-    if shape is None:
-        bb = denoiser.backbone
-        cfg = bb.config
-        res = cfg.get("img_resolution", None) or cfg.get("sample_size")
-        shape = (num_samples, cfg["in_channels"], res, res)
-    fn = guided(denoiser, guidance)
-    try:
-        if method == "edm":
-            x = sample_edm(fn, shape, labels, num_steps=num_steps, generator=generator, **kw)
-        elif method == "euler":
-            x = sample_euler(fn, shape, labels, num_steps=num_steps, generator=generator, **kw)
-        elif method == "ddim":
-            x = sample_euler(fn, shape, labels, sigmas=ddpm_sigmas(num_steps), generator=generator, **kw)
-        else:
-            raise ValueError(f"unknown sampler {method!r}: choose edm, euler or ddim")
-    finally:
-        denoiser.train(was_training)
-    return x.clamp(-1, 1)

@@ -1,35 +1,52 @@
-"""Denoising loops that run unchanged on plaintext tensors and on secret shares.
+"""The sampling loops: one EDM loop and one scheduler loop, run on plaintext tensors and on shares.
 
-The UNet call is the only expensive part of a step; everything else is a
-public affine map (:mod:`cipherdm_torch.diffusion.schedules` for diffusers' DDPM / DDIM,
-``cipherdm_torch.diffusion.samplers`` coefficients for the EDM / Euler sampler
-of DPDM-trained denoisers). The loops below only use ``*``, ``+`` and ``relu``
-on the state, so feeding them CrypTen tensors gives the secure sampler and
-feeding them torch tensors gives its plaintext twin, which draws the same noise
-in the same order (:class:`Noise`) for a like-for-like fidelity check.
+The UNet call is the only expensive part of a step; everything else is a public affine map
+(:mod:`cipherdm_torch.diffusion.schedules` for diffusers' DDPM / DDIM, :mod:`cipherdm_torch.diffusion.edm`
+coefficients for the EDM / Euler sampler of DPDM-trained denoisers). The loops only use ``*``,
+``+`` and ``relu`` on the state, so feeding them CrypTen tensors gives the secure sampler and
+feeding them torch tensors gives its plaintext twin, which draws the same noise in the same order
+(:class:`Noise`) for a like-for-like fidelity check.
+
+The plaintext samplers of a trained :class:`~cipherdm_torch.diffusion.denoiser.Denoiser`
+(:func:`sample`, :func:`sample_edm`, :func:`sample_euler`) are thin callers of :func:`edm_loop`
+with a :class:`Noise` around the caller's ``torch.Generator``.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from cipherdm_torch.mpc import cost
+from cipherdm_torch.diffusion.backbones import image_shape
+from cipherdm_torch.diffusion.edm import (DenoiseFn, churn, churn_gamma, ddpm_sigmas, edm_sigmas,
+                                          euler_coefficients, guided, heun_coefficients)
 from cipherdm_torch.diffusion.schedules import affine_step, apply_step, public_clamp
+from cipherdm_torch.mpc import cost
 
-__all__ = ["Noise", "SharedNoise", "StepLog", "scheduler_loop", "edm_loop", "fidelity"]
+__all__ = ["Noise", "SharedNoise", "StepLog", "scheduler_loop", "edm_loop", "sample_edm",
+           "sample_euler", "sample", "fidelity"]
 
 
 class Noise:
-    """The user's randomness, drawn in a fixed order from one seed (plaintext twin)."""
+    """The user's randomness in plaintext, drawn in a fixed order.
 
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(int(seed))
+    ``Noise(seed)`` owns a generator seeded with ``seed``; ``Noise(generator=g)`` draws from the
+    caller's generator (``None``: torch's global one), on ``device``.
+    """
 
-    def _randn(self, shape) -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=self.generator)
+    def __init__(self, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 device=None):
+        if seed is not None and generator is not None:
+            raise ValueError("give a seed or a generator, not both")
+        self.generator = torch.Generator().manual_seed(int(seed)) if seed is not None else generator
+        self.device = device
+
+    def _randn(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, device=self.device, dtype=dtype)
 
     def draw(self, shape, scale: float = 1.0):
         return self._randn(shape) * scale
@@ -45,9 +62,10 @@ class SharedNoise(Noise):
     def __init__(self, seed: Optional[int], user: int, rank: int):
         self.user, self.is_user = user, rank == user
         self.generator = torch.Generator().manual_seed(int(seed)) if self.is_user else None
+        self.device = None
 
     def draw(self, shape, scale: float = 1.0):
-        import crypten
+        import crypten  # only on the secure path: plaintext sampling (and training) never loads it
 
         z = self._randn(shape) * scale if self.is_user else torch.zeros(tuple(shape))
         return crypten.cryptensor(z, src=self.user)
@@ -75,14 +93,10 @@ class StepLog:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
 
 
 def _run_steps(steps: Sequence, body: Callable, log: Optional[StepLog], progress: bool, desc: str):
-    import time
-
     bar = _progress(len(steps), progress, desc)
     sent = 0
     try:
@@ -120,9 +134,10 @@ def scheduler_loop(denoise: Callable, scheduler, x, noise: Noise, eta: float = 0
 def edm_loop(denoise: Callable, sigmas: Sequence[float], x, noise: Noise, heun: bool = True,
              s_churn: float = 0.0, s_min: float = 0.0, s_max: float = float("inf"),
              s_noise: float = 1.0, log: Optional[StepLog] = None, progress: bool = False):
-    """EDM sampler (Heun or Euler, optional churn) for ``D = denoise(x, sigma)``; VE form."""
-    from cipherdm_torch.diffusion.samplers import churn, churn_gamma, euler_coefficients, heun_coefficients
+    """EDM sampler (Heun or Euler, optional churn) for ``D = denoise(x, sigma)``; VE form.
 
+    ``sigmas`` ends with 0; the churn noise comes from ``noise`` (one draw per churned step).
+    """
     sig = [float(s) for s in sigmas]
     n = len(sig) - 1
     state = {"x": x}
@@ -151,6 +166,77 @@ def edm_loop(denoise: Callable, sigmas: Sequence[float], x, noise: Noise, heun: 
 
 def _shape(x):
     return tuple(x.shape) if hasattr(x, "shape") else tuple(x.size())
+
+
+# ------------------------------------------------------------------ plaintext samplers
+def _initial_noise(noise: Noise, shape, sigma0: float) -> torch.Tensor:
+    # drawn in float64, then rounded: the plaintext samplers' draws since their first release
+    # (kept so a seed gives the same images as before)
+    return noise._randn(shape, torch.float64).float() * float(sigma0)
+
+
+@torch.no_grad()
+def sample_euler(denoise: DenoiseFn, shape, labels: Optional[torch.Tensor] = None,
+                 sigmas: Optional[torch.Tensor] = None, num_steps: int = 50,
+                 generator: Optional[torch.Generator] = None, device="cpu",
+                 x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Deterministic Euler / DDIM sampling along ``sigmas`` (default: EDM schedule)."""
+    sigmas = edm_sigmas(num_steps) if sigmas is None else sigmas
+    noise = Noise(generator=generator, device=device if x is None else x.device)
+    if x is None:
+        x = _initial_noise(noise, shape, sigmas[0])
+    return edm_loop(lambda x, s: denoise(x, s, labels), sigmas, x, noise, heun=False)
+
+
+@torch.no_grad()
+def sample_edm(denoise: DenoiseFn, shape, labels: Optional[torch.Tensor] = None,
+               num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+               rho: float = 7.0, s_churn: float = 0.0, s_min: float = 0.0,
+               s_max: float = float("inf"), s_noise: float = 1.0,
+               generator: Optional[torch.Generator] = None, device="cpu",
+               x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """EDM's stochastic sampler (Heun, churn): ``s_churn = 0`` gives the deterministic Heun ODE."""
+    sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
+    noise = Noise(generator=generator, device=device if x is None else x.device)
+    if x is None:
+        x = _initial_noise(noise, shape, sigmas[0])
+    return edm_loop(lambda x, s: denoise(x, s, labels), sigmas, x, noise, heun=True,
+                    s_churn=s_churn, s_min=s_min, s_max=s_max, s_noise=s_noise)
+
+
+def sample(denoiser: torch.nn.Module, labels=None, num_samples: Optional[int] = None,
+           method: str = "edm", num_steps: int = 18, guidance: float = 1.0,
+           generator: Optional[torch.Generator] = None, shape=None, **kw) -> torch.Tensor:
+    """Images in [-1, 1] from a ``Denoiser``: ``method`` "edm" (Heun + churn), "euler", "ddim".
+
+    ``labels`` (one image each) or ``num_samples``; ``shape`` defaults to the model's image shape.
+    ``kw`` goes to :func:`sample_edm` / :func:`sample_euler` (e.g. ``s_churn``).
+    """
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        num_samples = len(labels)
+    if shape is None:
+        per_image = image_shape(denoiser)
+        if per_image is None or num_samples is None:
+            raise ValueError("give labels or num_samples, and shape if the model's config has no "
+                             "image size")
+        shape = (num_samples, *per_image)
+    if method not in ("edm", "euler", "ddim"):
+        raise ValueError(f"unknown sampler {method!r}: choose edm, euler or ddim")
+    was_training = denoiser.training
+    denoiser.eval()
+    fn = guided(denoiser, guidance)
+    try:
+        if method == "edm":
+            x = sample_edm(fn, shape, labels, num_steps=num_steps, generator=generator, **kw)
+        elif method == "euler":
+            x = sample_euler(fn, shape, labels, num_steps=num_steps, generator=generator, **kw)
+        else:
+            x = sample_euler(fn, shape, labels, sigmas=ddpm_sigmas(num_steps), generator=generator,
+                             **kw)
+    finally:
+        denoiser.train(was_training)
+    return x.clamp(-1, 1)
 
 
 def fidelity(secure: torch.Tensor, plain: torch.Tensor, data_range: float = 2.0) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cipherdm_torch.data import ImageDataset, load_dataset
+from cipherdm_torch.diffusion.sampling import sample
 
 __all__ = ["evaluate", "load_generated", "sample_checkpoint", "to_uint8", "grid_by_class",
            "find_ledger"]
@@ -130,8 +131,6 @@ def sample_checkpoint(folder: str, per_class: int = 100, method: str = "edm", nu
         from tqdm.auto import tqdm
         it = tqdm(it, desc=f"sample ({method}, {num_steps} steps)", unit="batch")
     for i in it:
-        from cipherdm_torch.diffusion.samplers import sample
-
         x = sample(den, labels[i:i + batch_size], method=method, num_steps=num_steps,
                    guidance=guidance, generator=g, **sampler_kw)
         out.append(to_uint8(x))

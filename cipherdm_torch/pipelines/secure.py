@@ -19,7 +19,9 @@ import torch
 from cipherdm_torch.mpc import cost
 from cipherdm_torch.mpc.crypten_compat import crypten
 from cipherdm_torch.mpc.runtime import party
-from cipherdm_torch.diffusion.sampling import SharedNoise, StepLog, edm_loop, scheduler_loop
+from cipherdm_torch.diffusion.backbones import image_shape as model_sample_shape
+from cipherdm_torch.diffusion.edm import edm_sigmas, guided
+from cipherdm_torch.diffusion.sampling import Noise, SharedNoise, StepLog, edm_loop, scheduler_loop
 
 __all__ = ["SecureSampleOutput", "SecureDDPMPipeline", "SecureDDIMPipeline", "SecureEDMPipeline",
            "model_output", "model_image_shape", "plaintext_scheduler_sample", "plaintext_edm_sample"]
@@ -196,11 +198,8 @@ def plaintext_scheduler_sample(unet, scheduler, batch_size: int = 1,
                                seed: int = 0, class_labels=None, eta: float = 0.0,
                                ddpm: bool = False) -> torch.Tensor:
     """What the secure DDPM / DDIM pipeline computes, in plaintext with the same noise draws."""
-    from cipherdm_torch.diffusion.sampling import Noise
-
     if image_shape is None:
-        image_shape = model_image_shape(unet) or (1, 28, 28)
-
+        image_shape = model_sample_shape(unet) or (1, 28, 28)
     scheduler.set_timesteps(num_inference_steps)
     noise = Noise(seed)
     extra = {} if class_labels is None else {"class_labels": torch.as_tensor(class_labels).long()}
@@ -216,11 +215,7 @@ def plaintext_edm_sample(denoiser, batch_size: int = 1, num_inference_steps: int
                          guidance_scale: float = 1.0, heun: bool = True, s_churn: float = 0.0,
                          sigma_min: float = 0.002, sigma_max: float = 80.0,
                          rho: float = 7.0) -> torch.Tensor:
-    """What ``SecureEDMPipeline`` computes, in plaintext, for a ``training.Denoiser``."""
-    from cipherdm_torch.diffusion.samplers import edm_sigmas, guided
-
-    from cipherdm_torch.diffusion.sampling import Noise
-
+    """What ``SecureEDMPipeline`` computes, in plaintext, for a :class:`~cipherdm_torch.diffusion.Denoiser`."""
     sigmas = edm_sigmas(num_inference_steps, sigma_min, sigma_max, rho).tolist()
     noise = Noise(seed)
     labels = None if class_labels is None else torch.as_tensor(class_labels).long()
