@@ -24,10 +24,10 @@ def tiny_unet2d():
 
 def tiny_denoiser():
     from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond
-    from cipherdm_torch.diffusion.backbones import DPUNet
+    from cipherdm_torch.diffusion.backbones import DDPMppUNet
 
     torch.manual_seed(1)
-    net = DPUNet(img_resolution=8, num_classes=3, model_channels=4, channel_mult=(1, 2),
+    net = DDPMppUNet(img_resolution=8, num_classes=3, model_channels=4, channel_mult=(1, 2),
                  num_res_blocks=1, attn_resolutions=(4,), noise_emb_dim=8, dropout=0.0)
     return Denoiser(net, EDMPrecond(), num_classes=3).eval()
 

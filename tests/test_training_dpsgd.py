@@ -5,7 +5,7 @@ import torch
 
 from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
 from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, per_example_loss
-from cipherdm_torch.diffusion.backbones import DPUNet, make_diffusers_unet
+from cipherdm_torch.diffusion.backbones import DDPMppUNet, make_diffusers_unet
 
 torch.set_num_threads(1)
 
@@ -16,7 +16,7 @@ pytestmark = [
 
 
 def _own():
-    return DPUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+    return DDPMppUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attn_resolutions=(4,), dropout=0.0)
 
 

@@ -8,7 +8,7 @@ import torch
 from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, VPrecond, edm_coefficients
 from cipherdm_torch.diffusion.edm import cfg_coefficients, churn, churn_gamma, ddpm_sigmas, edm_sigmas, euler_coefficients, guided, heun_coefficients
 from cipherdm_torch.diffusion.sampling import sample, sample_edm, sample_euler
-from cipherdm_torch.diffusion.backbones import DPUNet
+from cipherdm_torch.diffusion.backbones import DDPMppUNet
 
 torch.set_num_threads(1)
 
@@ -85,7 +85,7 @@ def test_noise_level_distributions():
 
 def test_guided_denoiser_is_linear_cfg():
     torch.manual_seed(0)
-    den = Denoiser(DPUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2),
+    den = Denoiser(DDPMppUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2),
                           num_res_blocks=1, attn_resolutions=(), dropout=0.0),
                    EDMPrecond(), num_classes=3).eval()
     x = torch.randn(2, 1, 8, 8)
@@ -173,7 +173,7 @@ def test_sample_euler_bit_identical_to_the_reference(sigmas):
 
 def test_sample_bit_identical_to_the_reference():
     torch.manual_seed(0)
-    den = Denoiser(DPUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2),
+    den = Denoiser(DDPMppUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2),
                           num_res_blocks=1, attn_resolutions=(4,), dropout=0.0),
                    EDMPrecond(), num_classes=3).eval()
     labels = torch.tensor([0, 2, 1])

@@ -10,7 +10,7 @@ from synthetic import synthetic_images
 from cipherdm_torch.training import (
     BudgetExceeded,
     DPDMTrainer,
-    DPUNet,
+    DDPMppUNet,
     ImageDataset,
     LedgerError,
     PrivacyLedger,
@@ -75,7 +75,7 @@ def test_train_checkpoint_resume_same_ledger(tmp_path):
     # EMA kept and saved, differs from the raw weights, and loads through from_pretrained
     ema = load_denoiser(latest_checkpoint(str(out)), ema=True)
     raw = load_denoiser(latest_checkpoint(str(out)), ema=False)
-    assert isinstance(ema.backbone, DPUNet)
+    assert isinstance(ema.backbone, DDPMppUNet)
     diff = sum(float((a - b).detach().abs().sum()) for a, b in
                zip(ema.parameters(), raw.parameters()))
     assert diff > 0

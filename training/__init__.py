@@ -16,12 +16,12 @@ from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyL
 from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, VPrecond, make_precond, per_example_loss
 from cipherdm_torch.diffusion.sampling import sample, sample_edm, sample_euler
 from cipherdm_torch.training.trainer import DPDMTrainer, TrainConfig, build_denoiser, latest_checkpoint, load_denoiser, save_denoiser, save_image_grid
-from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DPUNet, make_diffusers_unet
+from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DDPMppUNet, make_diffusers_unet
 
 __all__ = [
     "DPDMTrainer", "TrainConfig", "build_denoiser", "load_denoiser", "save_denoiser",
     "latest_checkpoint", "save_image_grid",
-    "DPUNet", "DiffusersBackbone", "make_diffusers_unet",
+    "DDPMppUNet", "DiffusersBackbone", "make_diffusers_unet",
     "Denoiser", "EDMPrecond", "VPrecond", "make_precond", "per_example_loss",
     "DPSGDEngine", "poisson_sample",
     "noise_multiplier_for", "epsilon_spent", "max_steps_within_budget", "dp_accounting_epsilon",

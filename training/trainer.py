@@ -37,7 +37,7 @@ from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
 from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyLedger, atomic_write_json, read_json
 from cipherdm_torch.diffusion.denoiser import Denoiser, make_precond
 from cipherdm_torch.diffusion.sampling import sample as sample_images
-from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DPUNet, count_parameters, make_diffusers_unet
+from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DDPMppUNet, count_parameters, make_diffusers_unet
 
 __all__ = [
     "TrainConfig",
@@ -62,7 +62,7 @@ class TrainConfig:
     output_dir: str = "runs/dpdm"
     max_train_examples: Optional[int] = None  # use a random subset (quick runs / tests)
     # model
-    backbone: str = "own"  # "own" (DPUNet) or "diffusers" (UNet2DModel)
+    backbone: str = "own"  # "own" (DDPMppUNet) or "diffusers" (UNet2DModel)
     model_channels: int = 32
     channel_mult: Sequence[int] = (1, 2, 2)
     num_res_blocks: int = 2
@@ -188,7 +188,7 @@ def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> Denoiser:
         raise ValueError("only square images are supported")
     nc = num_classes if cfg.class_conditional else 0
     if cfg.backbone == "own":
-        bb = DPUNet(img_resolution=h, in_channels=c, out_channels=c, num_classes=nc,
+        bb = DDPMppUNet(img_resolution=h, in_channels=c, out_channels=c, num_classes=nc,
                     model_channels=cfg.model_channels, channel_mult=tuple(cfg.channel_mult),
                     num_res_blocks=cfg.num_res_blocks, attn_resolutions=tuple(cfg.attn_resolutions),
                     num_heads=cfg.num_heads, dropout=cfg.dropout)
@@ -228,7 +228,7 @@ def load_denoiser(folder: str, ema: bool = True) -> Denoiser:
     if not os.path.isdir(sub):
         sub = os.path.join(folder, "backbone")
     if meta["backbone"] == "own":
-        bb = DPUNet.from_pretrained(sub, low_cpu_mem_usage=False)
+        bb = DDPMppUNet.from_pretrained(sub, low_cpu_mem_usage=False)
     else:
         from diffusers import UNet2DModel
         bb = DiffusersBackbone(UNet2DModel.from_pretrained(sub, low_cpu_mem_usage=False), meta["num_classes"])
