@@ -16,7 +16,7 @@ import argparse
 import json
 import tempfile
 
-from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run
+from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run_job
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
             spec = SampleSpec(model=args.model, sampler="euler", steps=args.steps, labels=labels,
                               protocols=protocols, backend=backend, link=link)
             with tempfile.TemporaryDirectory() as out:
-                report = run(spec, out)
+                report = run_job(spec, out)
             p0 = report["parties"][0]
             steps = p0["steps"]
             rows.append({"variant": variant, "link": link,

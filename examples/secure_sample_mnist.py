@@ -10,7 +10,7 @@ and the fidelity against plaintext sampling with the same noise.
 
 import argparse
 
-from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run, summary
+from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run_job, summary
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = SampleSpec(model=args.model, sampler="euler", steps=args.steps, labels=list(range(10)),
                       seed=1234)
-    print(summary(run(spec, args.out, check=True)))
+    print(summary(run_job(spec, args.out, check=True)))
 
 
 if __name__ == "__main__":  # the parties are spawned processes that import this file

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cipherdm_torch.cli import eval as eval_cli
+from cipherdm_torch import cli
 from cipherdm_torch.evaluation.evaluate import grid_by_class, load_generated, to_uint8
 
 
@@ -45,7 +45,7 @@ def test_cli_on_real_images(tmp_path, monkeypatch):
     gen = load_mnist("train").subset(3000, seed=2)
     torch.save({"images": gen.images, "labels": gen.labels}, tmp_path / "real.pt")
     out = tmp_path / "ev"
-    rc = eval_cli.main([str(tmp_path / "real.pt"), "--out", str(out), "--classifiers", "logreg,mlp",
+    rc = cli.main(["eval", str(tmp_path / "real.pt"), "--out", str(out), "--classifiers", "logreg,mlp",
                         "--epochs", "3", "--no-inception", "--quiet"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
@@ -70,7 +70,7 @@ def test_cli_from_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     save_denoiser(den, str(ck))
     out = tmp_path / "ev"
-    rc = eval_cli.main([str(ck), "--per-class", "3", "--steps", "2", "--out", str(out),
+    rc = cli.main(["eval", str(ck), "--per-class", "3", "--steps", "2", "--out", str(out),
                         "--classifiers", "logreg", "--epochs", "1", "--no-fid-classifier",
                         "--no-inception", "--quiet", "--save-samples"])
     assert rc == 0
@@ -84,7 +84,6 @@ def test_cli_from_checkpoint(tmp_path):
 
 
 def test_cli_usage_errors(tmp_path):
-    from cipherdm_torch.errors import run_main  # the commands' one error path: exit 2
 
-    assert run_main(eval_cli.main, []) == 2
-    assert run_main(eval_cli.main, [str(tmp_path / "missing.pt")]) == 2
+    assert cli.main(["eval"]) == 2  # the commands' one error path: exit 2
+    assert cli.main(["eval", str(tmp_path / "missing.pt")]) == 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cipherdm_torch.cli import train as cli
+from cipherdm_torch import cli
 from cipherdm_torch import data as data_mod
 from cipherdm_torch.data import DatasetMissing, load_dataset, read_idx
 
@@ -105,8 +105,10 @@ def test_cli_train_resume_sample(tmp_path, capsys):
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["steps"] == 3 and second["epsilon_spent"] > first["epsilon_spent"]
     assert second["epsilon_spent"] <= 6
-    png = str(tmp_path / "grid.png")
-    assert cli.main(["sample", out, "--out", png, "-n", "8", "--steps", "2", "--guidance", "2"]) == 0
+    png = str(tmp_path / "plain" / "samples.png")  # a run folder samples its latest checkpoint
+    assert cli.main(["sample", "--plaintext", "--model", out, "--out", str(tmp_path / "plain"),
+                     "--labels", "0,1,2,3,0,1,2,3", "--sampler", "edm", "--steps", "2",
+                     "--guidance", "2"]) == 0
     from PIL import Image
 
     im = Image.open(png)

@@ -1,52 +1,60 @@
-"""The ``cipherdm`` command: one subcommand per job, each implemented in its own module."""
+"""Layer 1, the ``cipherdm`` command: one argparse tree, one module per subcommand.
+
+Each subcommand module ``cipherdm_torch.cli.<name>`` defines ``HELP`` (one line), ``configure(parser)``
+(its options) and ``run(args, argv) -> int``. Only the module of the command being run is
+imported (``cipherdm train`` never loads CrypTen, ``cipherdm keys`` never loads diffusers); ``cipherdm
+--help`` imports them all. Every command goes through :func:`cipherdm_torch.errors.run_main`: a
+user error prints one ``error: ...`` line and exits 2 (``--debug`` shows the traceback).
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from typing import List, Optional
 
-from cipherdm_torch.errors import DEBUG_FLAG, run_main
+from cipherdm_torch.errors import DEBUG_FLAG, ArgumentParser, UserError, run_main
 
-# subcommand -> (module with a ``main(argv)``, arguments put before the user's, one-line help)
-COMMANDS = {
-    "demo": ("cipherdm_torch.cli.demo", [],
-             "end-to-end demo: three parties securely sample digits from the embedded DP model"),
-    "sample": ("cipherdm_torch.pipelines.job", [],
-               "securely sample images from a model with three parties"),
-    "train": ("cipherdm_torch.cli.train", ["train"],
-              "train a diffusion model with DP-SGD (DPDM)"),
-    "eval": ("cipherdm_torch.cli.eval", [],
-             "evaluate a trained model: downstream accuracy, FID"),
-    "keys": ("cipherdm_torch.mpc.identity", [],
-             "create the parties' TLS identities (one key and pinned certificate per party)"),
-    "account": ("cipherdm_torch.cli.train", ["account"],
-                "noise multiplier for (epsilon, delta), or epsilon for a noise multiplier"),
-    "bench": ("cipherdm_torch.cli.train", ["bench"],
-              "DP-SGD step vs non-private step: time and peak memory for several K"),
-}
+COMMANDS = ("demo", "sample", "train", "account", "eval", "bench", "keys")
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
-def main(argv=None) -> int:
+def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
+    """The ``cipherdm`` parser with a subparser for each of ``commands``."""
+    parser = ArgumentParser(prog="cipherdm", allow_abbrev=False,
+                            description="Private diffusion models: DP-SGD training and "
+                                        "three-party secure sampling.",
+                            epilog=f"{DEBUG_FLAG} (any command): show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>",
+                                parser_class=ArgumentParser)
+    for name in commands:
+        # the subcommand's own imports (CrypTen, diffusers, Opacus) load only when it is used
+        module = importlib.import_module(f"{__name__}.{name}")
+        cmd = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             allow_abbrev=False)
+        module.configure(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def _dispatch(argv: List[str]) -> int:
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        raise UserError(f"unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)} "
+                        f"(cipherdm --help)")
+    chosen = [argv[0]] if argv and argv[0] in COMMANDS else COMMANDS
+    args = build_parser(chosen).parse_args(argv)
+    return args._run(args, argv[1:])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``cipherdm`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if DEBUG_FLAG in argv[:1]:  # `cipherdm --debug sample ...` as well as `... sample --debug`
-        argv = argv[1:] + [DEBUG_FLAG]
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: cipherdm <command> [options]   (cipherdm <command> --help for its options)"
-              "\n\ncommands:")
-        for name, (_, _, help_text) in COMMANDS.items():
-            print(f"  {name:<8} {help_text}")
-        print(f"\n{DEBUG_FLAG} (any command): show the traceback of an error")
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}",
-                  file=sys.stderr)
-            return 2
+    if not argv:
+        build_parser().print_help()
         return 0
-    module_name, prefix, _ = COMMANDS[argv[0]]
-
-    def command(args):
-        return importlib.import_module(module_name).main(prefix + args)
-
-    return run_main(command, argv[1:])
+    return run_main(_dispatch, argv)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ steps, from ``getrusage``) is not polluted by earlier runs; on CUDA the peak is
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import resource
 import time
 from dataclasses import replace
 from typing import Dict, List, Sequence
+
+from cipherdm_torch.cli.options import ints
+from cipherdm_torch.errors import positive_int
 
 import torch
 
@@ -20,7 +24,8 @@ from cipherdm_torch.diffusion.denoiser import per_example_loss
 from cipherdm_torch.training.trainer import TrainConfig, build_denoiser
 from cipherdm_torch.diffusion.backbones import count_parameters
 
-__all__ = ["bench_one", "run_bench", "format_table"]
+HELP = "DP-SGD step vs non-private step: time and peak memory for several K"
+__all__ = ["HELP", "configure", "run", "bench_one", "run_bench", "format_table"]
 
 
 def _rss_mb() -> float:
@@ -103,3 +108,30 @@ def default_bench_config(**kw) -> TrainConfig:
     base = TrainConfig(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                        attn_resolutions=(7,), dropout=0.0, max_physical_batch=64)
     return replace(base, **kw)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--channels", type=positive_int, default=16)
+    p.add_argument("--mults", type=ints, default=(1, 2, 2))
+    p.add_argument("--res-blocks", type=positive_int, default=1)
+    p.add_argument("--backbone", choices=["own", "diffusers"], default="own")
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--physical-batch", type=positive_int, default=64)
+    p.add_argument("-K", dest="ks", type=ints, default=(1, 4, 16))
+    p.add_argument("--repeats", type=positive_int, default=2)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--grad-sample-mode", choices=["hooks", "functorch"], default="hooks")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args: argparse.Namespace, argv: List[str]) -> int:
+    cfg = default_bench_config(model_channels=args.channels, channel_mult=args.mults,
+                               num_res_blocks=args.res_blocks, backbone=args.backbone,
+                               max_physical_batch=args.physical_batch,
+                               grad_sample_mode=args.grad_sample_mode)
+    rows = run_bench(cfg, ks=args.ks, batch=args.batch, repeats=args.repeats,
+                     threads=args.threads, device=args.device)
+    print(f"model: {cfg.backbone} UNet, {rows[0]['params']:,} parameters; batch {args.batch} "
+          f"examples (physical {args.physical_batch}); device {args.device}, threads {args.threads}")
+    print(format_table(rows))
+    return 0

@@ -9,16 +9,26 @@ tensor demo instead: the user's secret tensor is shared, computed on, revealed t
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+from typing import List
+
 import torch
 
+from cipherdm_torch.cli.sample import add_timeout_arg, apply_timeout
+from cipherdm_torch.errors import check_out_dir, positive_int
 from cipherdm_torch.mpc.cost import CostMeter
+from cipherdm_torch.mpc.crypten_compat import crypten
 from cipherdm_torch.mpc.runtime import Roles, launch, party
+from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run_job, summary
+
+HELP = "end-to-end demo: three parties securely sample digits from the embedded DP model"
+__all__ = ["HELP", "configure", "run", "run_demo"]
 
 
 def _demo_party(x: torch.Tensor = None, w: torch.Tensor = None):
     """One party's view: share x (from the user) and w (from the owner), compute relu(x @ w)."""
-    import crypten
-
     p = party()
     with CostMeter() as meter:
         with meter.region("share"):  # x exists only in the user's process, w in the owner's
@@ -66,9 +76,6 @@ def basic_demo(seed: int) -> int:
 
 def ledger_summary(model_dir: str) -> str:
     """The privacy ledger shipped with the weights, in a few lines."""
-    import json
-    import os
-
     path = os.path.join(model_dir, "ledger.json")
     if not os.path.exists(path):
         return f"no privacy ledger at {path}"
@@ -84,21 +91,16 @@ def ledger_summary(model_dir: str) -> str:
     return f"privacy ledger ({path}):\n" + "\n".join(f"  {k}: {v}" for k, v in shown.items())
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    from cipherdm_torch.errors import ArgumentParser, check_out_dir, positive_int
-    from cipherdm_torch.pipelines.job import SampleSpec, add_timeout_arg, apply_timeout, embedded_model_dir, run, summary
-
-    parser = ArgumentParser(prog="cipherdm demo", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--basic", action="store_true", help="the small tensor demo only")
     parser.add_argument("--seed", type=int, default=0, help="the user's noise seed")
     parser.add_argument("--steps", type=positive_int, default=8, help="Euler sampling steps")
     parser.add_argument("--out", default="cipherdm-demo", help="output folder")
     parser.add_argument("--backend", choices=("rss", "crypten"), default="rss")
     add_timeout_arg(parser)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: List[str]) -> int:
     apply_timeout(args.timeout)
     if args.basic:
         return basic_demo(args.seed)
@@ -109,5 +111,5 @@ def main(argv=None) -> int:
           f"class, Euler {args.steps} steps, optimised protocols on the {args.backend} backend...")
     spec = SampleSpec(model=model, sampler="euler", steps=args.steps, labels=list(range(10)),
                       seed=args.seed, backend=args.backend)
-    print(summary(run(spec, args.out, check=True)))
+    print(summary(run_job(spec, args.out, check=True)))
     return 0

@@ -16,18 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from typing import List, Optional
+from typing import List
 
-from cipherdm_torch.errors import (ArgumentParser, UserError, check_out_dir, finite_float,
-                                   nonnegative_float, positive_int)
+import torch
 
-__all__ = ["main", "build_parser"]
+from cipherdm_torch.data import load_dataset
+from cipherdm_torch.errors import (UserError, check_out_dir, finite_float, nonnegative_float,
+                                   positive_int)
+from cipherdm_torch.evaluation.evaluate import (evaluate, find_ledger, grid_by_class,
+                                                load_generated, sample_checkpoint)
+from cipherdm_torch.training.trainer import save_image_grid
+
+HELP = "evaluate a trained model: downstream accuracy, FID"
+__all__ = ["HELP", "configure", "run"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="cipherdm eval", description=__doc__.split("\n\n")[0])
+def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", default=None,
                    help="checkpoint or run folder (samples with the plaintext sampler), or a "
                         ".pt/.npz/folder of generated images + labels")
@@ -66,17 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
-
-    from cipherdm_torch.data import load_dataset
-    from cipherdm_torch.evaluation.evaluate import evaluate, find_ledger, grid_by_class, load_generated, sample_checkpoint
-    from cipherdm_torch.training.trainer import save_image_grid
-
+def run(args: argparse.Namespace, argv: List[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if (args.source is None) == (args.real is None):
@@ -143,6 +140,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"report: {path}\ngrid:   {grid_path}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

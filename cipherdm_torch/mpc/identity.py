@@ -113,21 +113,3 @@ def load(folder: str, rank: int, world_size: int) -> Credentials:
     if not os.path.exists(key_file):
         raise FileNotFoundError(f"{key_file} is missing: party {rank} needs its own private key")
     return Credentials(rank, key_file, os.path.join(folder, CERT.format(rank=rank)), certs)
-
-
-def main(argv=None) -> int:
-    """``cipherdm keys --out DIR``: write a key and certificate for every party."""
-    from cipherdm_torch.errors import ArgumentParser, UserError, positive_int
-
-    ap = ArgumentParser(prog="cipherdm keys", description=main.__doc__)
-    ap.add_argument("--out", required=True, help="folder to create (mode 0700)")
-    ap.add_argument("--parties", type=positive_int, default=3, help="number of parties (default 3)")
-    args = ap.parse_args(argv)
-    try:
-        create(args.out, args.parties)
-    except (FileExistsError, ValueError, OSError) as exc:
-        raise UserError(f"cipherdm keys: {exc}") from None
-    print(f"wrote {args.parties} identities to {args.out}/ (party<r>.key, party<r>.crt).\n"
-          f"Copy every .crt to every host and party<r>.key only to party r's host; start each "
-          f"party with CIPHERDM_KEYS=<folder> (see SECURITY.md).")
-    return 0

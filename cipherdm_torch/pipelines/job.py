@@ -1,32 +1,32 @@
-"""``cipherdm sample``: three local parties securely sample images from a trained model.
+"""The sampling job behind ``cipherdm sample`` / ``demo``: three parties sample from a model.
 
 The model owner's rank loads the weights; the other ranks build the same architecture from its
 public config only (no weights) and receive the weights as secret shares. The user's rank draws
 the noise from the seed and shares it together with the class labels; only the user gets the
 images. Writes a PNG grid and a JSON cost report (per party: totals, per op type, per step), and
-with ``--check`` the fidelity against plaintext sampling of the same model with the same noise.
+with ``check`` the fidelity against plaintext sampling of the same model with the same noise.
 
 Process boundaries: the seed and labels are sent only to the user's party process and the
-weights are read only by the owner's. ``--check`` is the owner's debugging tool: it also gives
+weights are read only by the owner's. ``check`` is the owner's debugging tool: it also gives
 the owner's process the seed and labels and computes the plaintext twin there.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import List
 
 import torch
 
-from cipherdm_torch.errors import ArgumentParser, UserError, check_out_dir, finite_float, positive_float, positive_int
+from cipherdm_torch.errors import UserError
 
-__all__ = ["SampleSpec", "EMBEDDED_MODEL", "embedded_model_dir", "load_model", "check_weights",
-           "run", "main"]
+__all__ = ["SampleSpec", "EMBEDDED_MODEL", "SAMPLERS", "embedded_model_dir", "load_model",
+           "check_weights", "run_job", "summary", "plaintext_twin", "write_samples"]
 
 EMBEDDED_MODEL = "dpdm-mnist"
 SAMPLERS = ("edm", "euler", "ddim", "ddpm")
@@ -203,14 +203,13 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
     p = party()
     if spec.link not in ("", "loopback"):
         netsim.activate(spec.link)
-    if spec.backend == "rss":
-        rss_backend.enable()
+    backend = rss_backend.replicated_backend() if spec.backend == "rss" else nullcontext()
     model, kind = load_model(spec.model, with_weights=p.is_owner, ema=spec.ema)
     shape = _image_shape(model, kind)
     n = n_images
     user = dict(seed=seed if p.is_user else None, class_labels=labels if p.is_user else None)
     t0 = time.perf_counter()
-    with pconfig.use(spec.protocols):
+    with backend, pconfig.use(spec.protocols):
         if kind == "dpdm":
             guided = model.num_classes > 0 and spec.guidance != 1.0
             rows = 2 * n if guided else n
@@ -233,8 +232,6 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
             cls = SecureDDIMPipeline if spec.sampler == "ddim" else SecureDDPMPipeline
             out = cls(enc, _scheduler(spec.model, spec.sampler))(
                 batch_size=n, num_inference_steps=spec.steps, image_shape=shape, **user)
-    if spec.backend == "rss":
-        rss_backend.disable()
     reference = None
     if check and p.is_owner:
         from dataclasses import replace
@@ -259,11 +256,22 @@ def plaintext_twin(spec: SampleSpec) -> torch.Tensor:
                                       shape, spec.seed, labels, ddpm=spec.sampler == "ddpm")
 
 
-def run(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
+def write_samples(images: torch.Tensor, labels: List[int], out_dir: str) -> dict:
+    """``samples.png`` (grid) and ``samples.pt`` (images in [-1, 1] + labels) in ``out_dir``."""
+    from cipherdm_torch.training.trainer import save_image_grid
+
+    os.makedirs(out_dir, exist_ok=True)
+    png = os.path.join(out_dir, "samples.png")
+    save_image_grid(images, png, nrow=min(10, len(labels)))
+    pt = os.path.join(out_dir, "samples.pt")
+    torch.save({"images": images, "labels": torch.tensor(labels)}, pt)
+    return {"png": png, "pt": pt}
+
+
+def run_job(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
     """Launch the three parties, write the grid and the report; return the report."""
     from cipherdm_torch import launch
     from cipherdm_torch.diffusion.sampling import fidelity
-    from cipherdm_torch.training.trainer import save_image_grid
 
     from dataclasses import replace
 
@@ -280,10 +288,7 @@ def run(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
     results = launch(_party, public, len(spec.labels), check=check, roles=roles, private=private)
     wall = time.perf_counter() - t0
     user = next(r for r in results if r["images"] is not None)
-    png = os.path.join(out_dir, "samples.png")
-    save_image_grid(user["images"], png, nrow=min(10, len(spec.labels)))
-    torch.save({"images": user["images"], "labels": torch.tensor(spec.labels)},
-               os.path.join(out_dir, "samples.pt"))
+    png = write_samples(user["images"], spec.labels, out_dir)["png"]
     report = {"spec": asdict(spec), "wall_seconds": wall, "png": png,
               "parties": [{"rank": r["rank"], "setup_seconds": r["setup_seconds"],
                            "seconds": r["seconds"], **r["report"]} for r in results]}
@@ -313,106 +318,3 @@ def summary(report: dict) -> str:
         lines.append(f"fidelity vs plaintext sampling: max |diff| {f['max_abs']:.4f}, mean |diff| "
                      f"{f['mean_abs']:.4f}, PSNR {f['psnr_db']:.1f} dB")
     return "\n".join(lines)
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = ArgumentParser(prog="cipherdm sample", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="DPDM checkpoint folder or diffusers UNet2DModel "
-                    "folder (default: the embedded DP MNIST model)")
-    ap.add_argument("--sampler", choices=SAMPLERS, default="euler",
-                    help="edm (Heun) / euler for DPDM checkpoints; ddim / ddpm for UNet2DModel")
-    ap.add_argument("--steps", type=positive_int, default=10)
-    ap.add_argument("--labels", default="all",
-                    help="comma-separated class labels, one image each, or 'all' (one per class)")
-    ap.add_argument("--seed", type=int, default=None,
-                    help="the user's noise seed (secret; default: a fresh one from the OS CSPRNG, "
-                         "never printed)")
-    ap.add_argument("--guidance", type=finite_float, default=1.0,
-                    help="classifier-free guidance scale")
-    ap.add_argument("--protocols", choices=("optimised", "baseline"), default="optimised")
-    ap.add_argument("--backend", choices=("rss", "crypten"), default="rss",
-                    help="rss: dealer-free replicated 3PC; crypten: CrypTen's own protocols")
-    ap.add_argument("--link", default="loopback", help="loopback, lan, wan or <Mbit/s>:<ms>")
-    ap.add_argument("--out", default="cipherdm-out")
-    ap.add_argument("--check", action="store_true",
-                    help="the model owner's debugging tool: also give the owner's party the "
-                         "seed and labels, sample in plaintext there and report the fidelity "
-                         "(never with a real user's secrets)")
-    ap.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
-    add_timeout_arg(ap)
-    return ap
-
-
-def add_timeout_arg(ap) -> None:
-    ap.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
-                    help="how long a party waits on a link before it reports the peer as hung "
-                         "(a ChannelError naming the link); default: $CIPHERDM_LINK_TIMEOUT or "
-                         "900 s")
-
-
-def apply_timeout(seconds) -> None:
-    """Hand a user-set link timeout to the party processes (read when they set up their links)."""
-    if seconds is not None:
-        os.environ["CIPHERDM_LINK_TIMEOUT"] = repr(float(seconds))
-
-
-def parse_labels(text: str, num_classes: int) -> List[int]:
-    if text == "all":
-        if num_classes <= 0:
-            raise UserError("--labels all needs a class-conditional model; pass e.g. --labels 0,0,0")
-        return list(range(num_classes))
-    try:
-        labels = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--labels: expected integers, got {text!r}") from None
-    if not labels:
-        raise UserError("--labels: at least one label (one image per label)")
-    bad = [v for v in labels if num_classes > 0 and not 0 <= v < num_classes]
-    if bad:
-        raise UserError(f"--labels: {bad} outside 0..{num_classes - 1}")
-    return labels
-
-
-def spec_from_args(args) -> SampleSpec:
-    folder = args.model or embedded_model_dir()
-    if args.model is None and not os.path.isdir(folder):
-        raise UserError(f"no embedded model at {folder}; pass --model FOLDER")
-    check_out_dir(args.out)
-    try:
-        from cipherdm_torch.mpc import netsim
-
-        if args.link not in ("", "loopback"):
-            netsim.parse(args.link)
-    except ValueError as exc:
-        raise UserError(f"--{exc}") from None
-    try:
-        model, kind = load_model(folder, with_weights=False, ema=not args.no_ema)
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"--model {folder}: cannot build the model from its config "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    check_weights(folder, kind, model, ema=not args.no_ema)
-    if kind == "dpdm" and args.sampler not in ("edm", "euler"):
-        raise UserError(f"--sampler {args.sampler}: DPDM checkpoints use edm or euler")
-    if kind == "unet2d" and args.sampler not in ("ddim", "ddpm"):
-        raise UserError(f"--sampler {args.sampler}: UNet2DModel folders use ddim or ddpm")
-    classes = model.num_classes if kind == "dpdm" else (model.config.get("num_class_embeds") or 0)
-    return SampleSpec(model=folder, sampler=args.sampler, steps=args.steps,
-                      labels=parse_labels(args.labels, classes),
-                      seed=args.seed if args.seed is not None
-                      else int.from_bytes(os.urandom(8), "little") >> 1,
-                      guidance=args.guidance, protocols=args.protocols, backend=args.backend,
-                      link=args.link, ema=not args.no_ema)
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    spec = spec_from_args(args)
-    apply_timeout(args.timeout)
-    print(f"three local parties sample {len(spec.labels)} image(s) with {spec.sampler}, "
-          f"{spec.steps} steps, {spec.protocols} protocols on the {spec.backend} backend")
-    report = run(spec, args.out, check=args.check)
-    print(summary(report))
-    return 0
