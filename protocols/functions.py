@@ -3,15 +3,15 @@
 Each call dispatches on :func:`cipherdm_torch.protocols.config.current`:
 ``"baseline"`` runs CrypTen's direct method (:mod:`.baseline`), ``"optimised"``
 runs this package's protocol. Inputs and outputs are CrypTen ``MPCTensor``\\ s
-of any shape; a cost region named after the function is opened on every
-active :class:`cipherdm_torch.mpc.cost.CostMeter`.
+of any shape. These functions open no cost region: the caller names what it
+measures (the compiler's interpreter opens one region per graph node, named by
+its op kind; wrap a direct call in ``cost.region(...)`` to see it apart).
 """
 
 from __future__ import annotations
 
 from typing import Sequence, Union
 
-from cipherdm_torch.mpc import cost
 from cipherdm_torch.protocols import baseline, config, normalization
 
 __all__ = ["silu", "mish", "gelu", "geglu", "exp", "softmax", "reciprocal", "rsqrt",
@@ -38,22 +38,19 @@ def _impl(name):
 
 def silu(x):
     """x * sigmoid(x)."""
-    with cost.region("silu"):
-        return _impl("silu")(x)
+    return _impl("silu")(x)
 
 
 def mish(x):
     """x * tanh(softplus(x))."""
-    with cost.region("mish"):
-        return _impl("mish")(x)
+    return _impl("mish")(x)
 
 
 def gelu(x, approximate: str = "none"):
     """GELU, erf form (``approximate="none"``) or tanh form (``"tanh"``)."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    with cost.region("gelu"):
-        return _impl("gelu")(x, approximate=approximate)
+    return _impl("gelu")(x, approximate=approximate)
 
 
 def geglu(x, dim: int = -1, approximate: str = "none"):
@@ -67,26 +64,22 @@ def geglu(x, dim: int = -1, approximate: str = "none"):
 
 def exp(x):
     """exp(x) for x <= 0 (softmax inputs after subtracting the row max)."""
-    with cost.region("exp"):
-        return _impl("exp")(x)
+    return _impl("exp")(x)
 
 
 def softmax(x, dim: int):
     """Softmax along ``dim``."""
-    with cost.region("softmax"):
-        return _impl("softmax")(x, dim)
+    return _impl("softmax")(x, dim)
 
 
 def reciprocal(x):
     """1 / x for x > 0."""
-    with cost.region("reciprocal"):
-        return _impl("reciprocal")(x)
+    return _impl("reciprocal")(x)
 
 
 def rsqrt(x):
     """1 / sqrt(x) for x > 0."""
-    with cost.region("rsqrt"):
-        return _impl("rsqrt")(x)
+    return _impl("rsqrt")(x)
 
 
 def _norm_rsqrt(name):
@@ -96,14 +89,12 @@ def _norm_rsqrt(name):
 
 def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
     """GroupNorm of x (N, C, *); weight / bias: torch tensor, MPCTensor or None."""
-    with cost.region("group_norm"):
-        return normalization.group_norm(x, num_groups, weight, bias, eps,
-                                        rsqrt=_norm_rsqrt("group_norm"))
+    return normalization.group_norm(x, num_groups, weight, bias, eps,
+                                    rsqrt=_norm_rsqrt("group_norm"))
 
 
 def layer_norm(x, normalized_shape: Union[int, Sequence[int]], weight=None, bias=None,
                eps: float = 1e-5):
     """LayerNorm over the trailing ``normalized_shape`` dimensions."""
-    with cost.region("layer_norm"):
-        return normalization.layer_norm(x, normalized_shape, weight, bias, eps,
-                                        rsqrt=_norm_rsqrt("layer_norm"))
+    return normalization.layer_norm(x, normalized_shape, weight, bias, eps,
+                                    rsqrt=_norm_rsqrt("layer_norm"))

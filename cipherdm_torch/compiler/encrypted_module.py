@@ -346,10 +346,8 @@ def _interpret(compiled: _Compiled, values: Dict[str, Any], record: Optional[dic
             kwargs = torch.fx.node.map_arg(n.kwargs, fetch)
             if ops.any_secret(*args, **kwargs):
                 impl = ops.lookup(n.target)
-                try:
-                    region = (contextlib.nullcontext() if ops.self_metered(impl.kind)
-                              else cost.region(impl.kind))
-                    with region, op_label(_node_label(i, n.name)):
+                try:  # the node's one cost region: its kind (see compiler.ops.registry)
+                    with cost.region(impl.kind), op_label(_node_label(i, n.name)):
                         out = impl.fn(*args, **kwargs)
                 except Exception as exc:
                     raise RuntimeError(f"secret {n.target} at {n.name} ({graph_mod.where(n)}) "

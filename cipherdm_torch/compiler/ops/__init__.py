@@ -18,7 +18,7 @@ A new op goes into the module of its kind with ``@register(aten.<op>.<overload>,
 """
 
 from .registry import (REGISTRY, OpImpl, any_secret, is_secret, lift, local, lookup, nonlinear,
-                       register, self_metered, supported_ops, wrap)
+                       register, supported_ops, wrap)
 from . import attention, elementwise, linear, nonlinearities, pooling, shape  # noqa: F401,E402  (they register)
 
 __all__ = ["OpImpl", "REGISTRY", "register", "lookup", "supported_ops", "is_secret", "any_secret",

@@ -9,8 +9,10 @@ import math
 
 import torch
 
+from cipherdm_torch.mpc import cost
+
 from .linear import mm
-from .registry import nonlinear, register, self_metered
+from .registry import nonlinear, register
 
 aten = torch.ops.aten
 
@@ -34,14 +36,6 @@ def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
     d = q.size(-1)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = mm(q, k.transpose(-1, -2)) * scale
-    if self_metered("softmax"):
+    with cost.region("softmax"):  # inside the node's "attention" region
         probs = nonlinear("softmax")(scores, -1)
-    else:
-        with _region("softmax"):
-            probs = nonlinear("softmax")(scores, -1)
     return mm(probs, v)
-
-
-def _region(name):
-    from cipherdm_torch.mpc.cost import region
-    return region(name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from cipherdm_torch.mpc import cost
+
 from .registry import is_secret, local, nonlinear, register
 
 aten = torch.ops.aten
@@ -67,7 +69,9 @@ def _mul(a, b):
 @register(aten.div.Tensor, aten.div.Scalar, kind="div")
 def _div(a, b):
     if is_secret(b):
-        return _mul(a, nonlinear("reciprocal")(b))
+        with cost.region("reciprocal"):  # inside the node's "div" region
+            inverse = nonlinear("reciprocal")(b)
+        return _mul(a, inverse)
     if torch.is_tensor(b) and b.numel() > 1:
         return a * (1.0 / b.float())
     return a / float(b)

@@ -14,13 +14,17 @@ Why the shape ops are cheap: CrypTen's arithmetic shares are plain int64 tensors
 shape / indexing op is linear and acts element-wise on positions, so applying the op to each
 party's share gives a valid sharing of the result (no communication): :func:`local`. Linear
 layers cost one multiplication round; the nonlinear ops are routed to
-:mod:`cipherdm_torch.protocols` (baseline or optimised, chosen by ``protocols.config``), with
-CrypTen-direct fallbacks used only while that package does not provide a function.
+:mod:`cipherdm_torch.protocols.functions` (baseline or optimised, chosen by
+``protocols.config``): :func:`nonlinear`.
+
+Cost regions: the interpreter opens ONE region per secret node, named by the registered
+``kind``; the protocol functions open none. An implementation that calls a nonlinear function of
+another kind opens that function's region inside its own (attention's softmax, a secret
+divisor's reciprocal), so the per-op breakdown shows them too.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -28,6 +32,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from cipherdm_torch.mpc.crypten_compat import crypten
+from cipherdm_torch.protocols import functions
 
 __all__ = ["OpImpl", "REGISTRY", "register", "lookup", "supported_ops", "is_secret", "any_secret",
            "lift", "local", "nonlinear", "wrap"]
@@ -115,94 +120,11 @@ def wrap(template, share: torch.Tensor):
     return out
 
 
-def _fp_dtype_only(node) -> Optional[str]:
-    return None
-
-
-# ------------------------------------------------------------------ nonlinear functions
-
-class _CryptenDirect:
-    """CrypTen's own methods: the fallback when ``cipherdm_torch.protocols`` lacks a function."""
-
-    @staticmethod
-    def silu(x):
-        return x * x.sigmoid()
-
-    @staticmethod
-    def mish(x):
-        return x * (x.exp() + 1).log().tanh()
-
-    @staticmethod
-    def gelu(x, approximate="tanh"):
-        # tanh form for both modes (|error| vs exact GELU < 5e-4); CrypTen's erf diverges past ~2.5.
-        inner = (x + x * x * x * 0.044715) * math.sqrt(2.0 / math.pi)
-        return x * (inner.tanh() + 1) * 0.5
-
-    @staticmethod
-    def softmax(x, dim):
-        return x.softmax(dim)
-
-    @staticmethod
-    def exp(x):
-        return x.exp()
-
-    @staticmethod
-    def reciprocal(x):
-        return x.reciprocal()
-
-    @staticmethod
-    def rsqrt(x):
-        return x.inv_sqrt()
-
-    @staticmethod
-    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-        shape = x.size()
-        n, c = shape[0], shape[1]
-        xg = x.reshape(n, num_groups, -1)
-        centred = xg - xg.mean(-1, keepdim=True)
-        var = (centred * centred).mean(-1, keepdim=True)
-        y = (centred * nonlinear("rsqrt")(var + eps)).reshape(*shape)
-        return _affine(y, weight, bias, [1, c] + [1] * (len(shape) - 2))
-
-    @staticmethod
-    def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-        dims = tuple(range(-len(normalized_shape), 0))
-        mean = x.mean(dims, keepdim=True) if len(dims) > 1 else x.mean(-1, keepdim=True)
-        centred = x - mean
-        sq = centred * centred
-        var = sq.mean(dims, keepdim=True) if len(dims) > 1 else sq.mean(-1, keepdim=True)
-        y = centred * nonlinear("rsqrt")(var + eps)
-        return _affine(y, weight, bias, list(normalized_shape))
-
-
-def _affine(y, weight, bias, shape):
-    if weight is not None:
-        y = y * weight.reshape(*shape)
-    if bias is not None:
-        y = y + bias.reshape(*shape)
-    return y
-
-
-def _protocols():
-    try:
-        from cipherdm_torch.protocols import functions as proto  # type: ignore
-    except ImportError:
-        return None
-    return proto
-
-
-def self_metered(kind: str) -> bool:
-    """True when the protocol function behind ``kind`` opens its own cost region."""
-    proto = _protocols()
-    return proto is not None and getattr(proto, kind, None) is not None
-
-
-def nonlinear(name: str) -> Callable:
-    """The configured implementation of nonlinear function ``name``.
-
-    ``cipherdm_torch.protocols.functions`` (which follows ``protocols.config.use(...)``) when it
-    provides ``name``; CrypTen's direct method otherwise.
-    """
-    proto = _protocols()
-    fn = getattr(proto, name, None) if proto is not None else None
-    return fn if fn is not None else getattr(_CryptenDirect, name)
+def nonlinear(name: str) -> Callable[..., Any]:
+    """The configured implementation of nonlinear function ``name`` (``"silu"``, ``"softmax"``,
+    ``"group_norm"``, ...): :mod:`cipherdm_torch.protocols.functions`, which follows
+    ``protocols.config.use(...)`` (CrypTen's method for ``"baseline"``, ours for ``"optimised"``)."""
+    if name not in functions.__all__:
+        raise KeyError(f"no nonlinear function {name!r} in cipherdm_torch.protocols.functions; "
+                       f"known: {functions.__all__}")
+    return getattr(functions, name)
