@@ -2,7 +2,7 @@
 
 import torch
 
-from cipherdm_torch.training import ImageDataset
+from cipherdm_torch.data import ImageDataset
 
 
 def synthetic_images(n=96, seed=0):

@@ -62,7 +62,8 @@ def test_cli_on_real_images(tmp_path, monkeypatch):
 
 def test_cli_from_checkpoint(tmp_path):
     """A (random, untrained) checkpoint is sampled per class and evaluated end to end."""
-    from cipherdm_torch.training.trainer import TrainConfig, build_denoiser, save_denoiser
+    from cipherdm_torch.diffusion.denoiser import save_denoiser
+    from cipherdm_torch.training.trainer import TrainConfig, build_denoiser
 
     cfg = TrainConfig(model_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=())
     torch.manual_seed(0)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
-from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, per_example_loss
+from cipherdm_torch.training.loss import per_example_loss, rows_for
+from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond
 from cipherdm_torch.diffusion.backbones import DDPMppUNet, make_diffusers_unet
 
 torch.set_num_threads(1)
@@ -17,7 +18,7 @@ pytestmark = [
 
 def _own():
     return DDPMppUNet(img_resolution=8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(4,), dropout=0.0)
+                      attn_resolutions=(4,), dropout=0.0)
 
 
 def _diffusers():
@@ -70,7 +71,7 @@ def test_per_example_grads_match_autograd_loop(backbone, mode):
     den = Denoiser(_own() if backbone == "own" else _diffusers(), EDMPrecond(), num_classes=10)
     den.train()
     x0, labels = _batch()
-    rows = den.rows_for(x0, labels, k, generator=torch.Generator().manual_seed(1))
+    rows = rows_for(den, x0, labels, k, generator=torch.Generator().manual_seed(1))
     ref = _reference_grads(den, x0, labels, rows, k)
     eng = DPSGDEngine(den, torch.optim.SGD(den.parameters(), lr=0.1), noise_multiplier=1.0,
                       max_grad_norm=1.0, expected_batch_size=3, k=k, grad_sample_mode=mode)
@@ -97,7 +98,7 @@ def test_each_example_contribution_clipped_to_C_with_K_rows():
     k, clip = 8, 0.5
     eng = _engine(den, k, clip=clip, batch=1)
     x0, labels = _batch(1)
-    rows = den.rows_for(x0, labels, k, generator=torch.Generator().manual_seed(3))
+    rows = rows_for(den, x0, labels, k, generator=torch.Generator().manual_seed(3))
     raw = eng.per_example_grads(x0, labels, rows=rows)
     raw_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in raw.values())))
     assert raw_norm > 10 * clip  # the unclipped per-example gradient is far above C
@@ -121,7 +122,7 @@ def test_clipped_sum_equals_sum_of_clipped_per_example_grads_with_microbatches()
     x0, labels = _batch(5)
     x0[0] *= 0.01  # a small-gradient example (may fall below the clip norm)
     g = torch.Generator().manual_seed(7)  # the draws step() makes, micro-batch by micro-batch
-    chunks = [den.rows_for(x0[s:s + 2], labels[s:s + 2], k, generator=g) for s in (0, 2, 4)]
+    chunks = [rows_for(den, x0[s:s + 2], labels[s:s + 2], k, generator=g) for s in (0, 2, 4)]
     rows = tuple(torch.cat(parts) for parts in zip(*chunks))
     eng = _engine(den, k, clip=clip, batch=b, physical=2)  # 3 physical micro-batches
     raw = eng.per_example_grads(x0, labels, rows=rows)

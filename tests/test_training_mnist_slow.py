@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cipherdm_torch.training import DPDMTrainer, PrivacyLedger, TrainConfig, load_dataset
+from cipherdm_torch.data import load_dataset
+from cipherdm_torch.training import DPDMTrainer, PrivacyLedger, TrainConfig
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,11 @@ from synthetic import synthetic_images
 import torch.nn as nn
 
 from cipherdm_torch.errors import UserError
-from cipherdm_torch.training import DPDMTrainer, ImageDataset, LedgerError, TrainConfig
+from cipherdm_torch.data import ImageDataset
+from cipherdm_torch.training import DPDMTrainer, LedgerError, TrainConfig
 from cipherdm_torch.training.accounting import epsilon_spent, noise_multiplier_for
 from cipherdm_torch.training.dpsgd import check_no_example_mixing
-from cipherdm_torch.training.ledger import atomic_write_json
+from cipherdm_torch.files import atomic_write_json
 from cipherdm_torch.training.trainer import derive_dp_seed
 
 torch.set_num_threads(1)

@@ -7,18 +7,18 @@ import pytest
 import torch
 from synthetic import synthetic_images
 
+from cipherdm_torch import files as files_mod
+from cipherdm_torch.diffusion import DDPMppUNet, Denoiser, is_checkpoint_dir, load_denoiser
 from cipherdm_torch.training import (
     BudgetExceeded,
     DPDMTrainer,
-    DDPMppUNet,
-    ImageDataset,
     LedgerError,
     PrivacyLedger,
     TrainConfig,
     latest_checkpoint,
-    load_denoiser,
+    read_ledger,
+    resolve_checkpoint,
 )
-from cipherdm_torch.training import ledger as ledger_mod
 
 torch.set_num_threads(1)
 
@@ -71,6 +71,18 @@ def test_train_checkpoint_resume_same_ledger(tmp_path):
     assert led2.epsilon_spent <= 8.0
     assert led2.history == [[tr.config.noise_multiplier, tr.sample_rate, 6]]
     assert latest_checkpoint(str(out)).endswith("checkpoint-0000006")
+    # a run folder names its latest checkpoint; a checkpoint (or any other folder) names itself
+    ck6 = latest_checkpoint(str(out))
+    assert is_checkpoint_dir(ck6) and not is_checkpoint_dir(str(out))
+    assert resolve_checkpoint(str(out)) == ck6 and resolve_checkpoint(ck6) == ck6
+    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path)
+    assert read_ledger(str(out)).steps == 6 and read_ledger(ck6).checkpoint_step == 6
+    # the architecture alone, from the configs (what the parties without the weights build)
+    bare = Denoiser.from_pretrained(ck6, with_weights=False)
+    shapes = {k: v.shape for k, v in bare.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in tr2.ema.state_dict().items()}
+    assert not all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(),
+                                                      tr2.ema.state_dict().values()))
 
     # EMA kept and saved, differs from the raw weights, and loads through from_pretrained
     ema = load_denoiser(latest_checkpoint(str(out)), ema=True)
@@ -131,7 +143,7 @@ def test_ledger_write_is_atomic(tmp_path, monkeypatch):
         raise KeyboardInterrupt("killed while writing")
 
     led.record_steps(1.0, 0.1, 3)
-    monkeypatch.setattr(ledger_mod.json, "dump", boom)
+    monkeypatch.setattr(files_mod.os, "fsync", boom)
     with pytest.raises(KeyboardInterrupt):
         led.save(path)
     monkeypatch.undo()

@@ -1,5 +1,11 @@
 """Differentially private diffusion training, DPDM recipe (imported as ``cipherdm_torch.training``).
 
+Layer 3 (never imports CrypTen): the DP-SGD engine with noise multiplicity K (:mod:`.dpsgd`), its
+loss (:mod:`.loss`), privacy accounting (:mod:`.accounting`), the privacy ledger (:mod:`.ledger`),
+the trainer and its config (:mod:`.trainer`), and the DP-SGD step benchmark (:mod:`.benchmark`).
+The denoiser, its backbones and samplers are in :mod:`cipherdm_torch.diffusion`; data sets in
+:mod:`cipherdm_torch.data`.
+
 Quick start::
 
     from cipherdm_torch.training import DPDMTrainer, TrainConfig
@@ -9,23 +15,17 @@ Quick start::
     print(ledger.epsilon_spent)
 """
 
-from cipherdm_torch.training.accounting import dp_accounting_epsilon, epsilon_spent, max_steps_within_budget, noise_multiplier_for
-from cipherdm_torch.data import DatasetMissing, ImageDataset, load_dataset
+from cipherdm_torch.training.accounting import (dp_accounting_epsilon, epsilon_spent,
+                                                max_steps_within_budget, noise_multiplier_for)
 from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
-from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyLedger
-from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond, VPrecond, make_precond, per_example_loss
-from cipherdm_torch.diffusion.sampling import sample, sample_edm, sample_euler
-from cipherdm_torch.training.trainer import DPDMTrainer, TrainConfig, build_denoiser, latest_checkpoint, load_denoiser, save_denoiser, save_image_grid
-from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DDPMppUNet, make_diffusers_unet
+from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyLedger, read_ledger
+from cipherdm_torch.training.loss import per_example_loss
+from cipherdm_torch.training.trainer import (DPDMTrainer, TrainConfig, build_denoiser,
+                                             latest_checkpoint, resolve_checkpoint)
 
 __all__ = [
-    "DPDMTrainer", "TrainConfig", "build_denoiser", "load_denoiser", "save_denoiser",
-    "latest_checkpoint", "save_image_grid",
-    "DDPMppUNet", "DiffusersBackbone", "make_diffusers_unet",
-    "Denoiser", "EDMPrecond", "VPrecond", "make_precond", "per_example_loss",
-    "DPSGDEngine", "poisson_sample",
+    "DPDMTrainer", "TrainConfig", "build_denoiser", "latest_checkpoint", "resolve_checkpoint",
+    "DPSGDEngine", "poisson_sample", "per_example_loss",
     "noise_multiplier_for", "epsilon_spent", "max_steps_within_budget", "dp_accounting_epsilon",
-    "PrivacyLedger", "LedgerError", "BudgetExceeded",
-    "ImageDataset", "DatasetMissing", "load_dataset",
-    "sample", "sample_edm", "sample_euler",
+    "PrivacyLedger", "LedgerError", "BudgetExceeded", "read_ledger",
 ]

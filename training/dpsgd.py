@@ -25,7 +25,8 @@ import torch.nn as nn
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from cipherdm_torch.diffusion.denoiser import Denoiser, per_example_loss
+from cipherdm_torch.diffusion.denoiser import Denoiser
+from cipherdm_torch.training.loss import per_example_loss
 
 __all__ = ["DPSGDEngine", "poisson_sample", "collapse_grad_samples", "check_no_example_mixing",
            "GRAD_SAMPLE_MODES"]

@@ -3,8 +3,10 @@
 ``ledger.json`` holds the accountant, delta, the epsilon budget, the privacy history (segments of
 ``[noise_multiplier, sample_rate, steps]``), the epsilon spent, the training hyperparameters that
 matter for privacy (K, C, expected batch, data set size and fingerprint) and a pointer to the latest
-checkpoint. Every write goes to a temporary file in the same folder, is fsynced, and replaces the old
-file with ``os.replace``: a killed run leaves either the old or the new ledger, never a torn one.
+checkpoint. Every write is atomic (:func:`cipherdm_torch.files.atomic_write_json`: a temporary file in
+the same folder, fsync, ``os.replace``): a killed run leaves either the old or the new ledger, never
+a torn one. This module is the one reader of ``ledger.json`` (:meth:`PrivacyLedger.load`,
+:func:`read_ledger`); evaluation and the demo read ledgers through it.
 
 Steps are recorded *before* their noisy gradient is applied, so the ledger never undercounts: a run
 killed between checkpoints keeps the steps it took in its ledger even though the weights of those
@@ -13,17 +15,19 @@ steps are lost (a resumed run starts from the checkpoint and continues this same
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
+from cipherdm_torch.errors import UserError
+from cipherdm_torch.files import atomic_write_json, read_json
 from cipherdm_torch.training.accounting import epsilon_spent, max_steps_within_budget, merge_history
 
-__all__ = ["PrivacyLedger", "atomic_write_json", "read_json", "LedgerError", "BudgetExceeded"]
+__all__ = ["PrivacyLedger", "LedgerError", "BudgetExceeded", "read_ledger", "LEDGER_FILE",
+           "LEDGER_VERSION"]
 
+LEDGER_FILE = "ledger.json"
 LEDGER_VERSION = 1
 
 
@@ -33,36 +37,6 @@ class LedgerError(RuntimeError):
 
 class BudgetExceeded(RuntimeError):
     """A step would take the run past its privacy budget."""
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            # allow_nan=False: NaN / inf is not JSON; a record that holds one is a bug, and the
-            # old file stays in place rather than being replaced by an invalid one
-            json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LedgerError(f"corrupt JSON in {path}: {e}") from e
 
 
 @dataclass
@@ -87,7 +61,8 @@ class PrivacyLedger:
     version: int = LEDGER_VERSION
 
     # -- accounting -----------------------------------------------------------------------
-    def compute_epsilon(self, extra_steps: int = 0, noise_multiplier=None, sample_rate=None):
+    def compute_epsilon(self, extra_steps: int = 0, noise_multiplier: Optional[float] = None,
+                        sample_rate: Optional[float] = None) -> float:
         hist = [tuple(h) for h in self.history]
         if extra_steps:
             hist.append((noise_multiplier, sample_rate, extra_steps))
@@ -118,9 +93,13 @@ class PrivacyLedger:
 
     @classmethod
     def load(cls, path: str) -> "PrivacyLedger":
+        """The ledger in the file ``path`` (its epsilon recomputed from the history)."""
         if not os.path.exists(path):
             raise LedgerError(f"no privacy ledger at {path}")
-        d = read_json(path)
+        try:
+            d = read_json(path)
+        except UserError as e:
+            raise LedgerError(str(e)) from None
         if not isinstance(d, dict) or d.get("version") != LEDGER_VERSION:
             raise LedgerError(f"{path} is not a version-{LEDGER_VERSION} privacy ledger")
         known = set(cls.__dataclass_fields__)
@@ -145,3 +124,16 @@ class PrivacyLedger:
             problems.append(f"K {noise_multiplicity} != {self.noise_multiplicity}")
         if problems:
             raise LedgerError("cannot resume with this ledger: " + "; ".join(problems))
+
+
+def read_ledger(folder: str) -> Optional[PrivacyLedger]:
+    """The privacy ledger of a run folder or a checkpoint folder, or None if there is none.
+
+    A folder's own ``ledger.json`` (a run's ledger, or the snapshot a checkpoint carries), else
+    the one in its parent folder (a checkpoint inside its run folder).
+    """
+    for d in (folder, os.path.dirname(os.path.abspath(folder))):
+        path = os.path.join(d, LEDGER_FILE)
+        if os.path.isfile(path):
+            return PrivacyLedger.load(path)
+    return None

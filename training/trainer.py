@@ -13,14 +13,15 @@ Output folder layout::
 
     <output_dir>/train_config.json          resolved config (noise multiplier included)
     <output_dir>/ledger.json                privacy ledger, rewritten atomically at every step
-    <output_dir>/checkpoint-0000500/        backbone/ and backbone_ema/ (diffusers save_pretrained,
-                                            safetensors), denoiser.json, trainer_state.pt,
-                                            ledger.json (snapshot), samples.png
+    <output_dir>/checkpoint-0000500/        a denoiser checkpoint (backbone/, backbone_ema/,
+                                            denoiser.json: cipherdm_torch.diffusion.checkpoints),
+                                            trainer_state.pt, ledger.json (snapshot), samples.png
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import secrets
@@ -30,22 +31,25 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from cipherdm_torch.training.accounting import noise_multiplier_for
 from cipherdm_torch.data import ImageDataset, load_dataset
-from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
-from cipherdm_torch.training.ledger import BudgetExceeded, LedgerError, PrivacyLedger, atomic_write_json, read_json
-from cipherdm_torch.diffusion.denoiser import Denoiser, make_precond
+from cipherdm_torch.diffusion.backbones import DDPMppUNet, count_parameters, make_diffusers_unet
+from cipherdm_torch.diffusion.checkpoints import is_checkpoint_dir
+from cipherdm_torch.diffusion.denoiser import Denoiser, load_denoiser, make_precond
 from cipherdm_torch.diffusion.sampling import sample as sample_images
-from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DDPMppUNet, count_parameters, make_diffusers_unet
+from cipherdm_torch.errors import UserError
+from cipherdm_torch.files import atomic_write_json, read_json
+from cipherdm_torch.training.accounting import noise_multiplier_for
+from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
+from cipherdm_torch.training.ledger import LEDGER_FILE, BudgetExceeded, LedgerError, PrivacyLedger
 
 __all__ = [
     "TrainConfig",
     "DPDMTrainer",
     "build_denoiser",
-    "load_denoiser",
-    "save_denoiser",
     "latest_checkpoint",
+    "resolve_checkpoint",
     "validate_config",
     "derive_dp_seed",
     "FIXED_ON_RESUME",
@@ -128,8 +132,6 @@ FIXED_ON_RESUME = (
 
 def validate_config(cfg: TrainConfig) -> None:
     """Refuse a config that cannot describe a valid DP run (before anything is written)."""
-    from cipherdm_torch.errors import UserError
-
     def finite(name, ok, what):
         v = getattr(cfg, name)
         if v is None:
@@ -165,8 +167,6 @@ def derive_dp_seed(dp_seed: int, ledger_steps: int) -> int:
     """
     if ledger_steps == 0:
         return int(dp_seed)
-    import hashlib
-
     digest = hashlib.sha256(f"cipherdm-dp-seed:{int(dp_seed)}:{int(ledger_steps)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2
 
@@ -206,41 +206,24 @@ def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> Denoiser:
     return Denoiser(bb, _precond_from_config(cfg), nc)
 
 
-def save_denoiser(denoiser: Denoiser, folder: str, subfolder: str = "backbone") -> None:
-    """Weights via diffusers ``save_pretrained`` (safetensors) + ``denoiser.json``."""
-    bb = denoiser.backbone
-    kind = "diffusers" if isinstance(bb, DiffusersBackbone) else "own"
-    bb.save_pretrained(os.path.join(folder, subfolder), safe_serialization=True)
-    atomic_write_json(os.path.join(folder, "denoiser.json"), {
-        "backbone": kind,
-        "num_classes": denoiser.num_classes,
-        "precond": denoiser.precond.to_dict(),
-    })
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The checkpoint folder the run's ledger points to (None if none was written yet)."""
+    led = PrivacyLedger.load(os.path.join(run_dir, LEDGER_FILE))
+    return os.path.join(run_dir, led.checkpoint) if led.checkpoint else None
 
 
-def load_denoiser(folder: str, ema: bool = True) -> Denoiser:
-    """Load a ``Denoiser`` from a checkpoint folder (EMA weights by default)."""
-    meta_path = os.path.join(folder, "denoiser.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{folder} is not a checkpoint (no denoiser.json)")
-    meta = read_json(meta_path)
-    sub = os.path.join(folder, "backbone_ema" if ema else "backbone")
-    if not os.path.isdir(sub):
-        sub = os.path.join(folder, "backbone")
-    if meta["backbone"] == "own":
-        bb = DDPMppUNet.from_pretrained(sub, low_cpu_mem_usage=False)
-    else:
-        from diffusers import UNet2DModel
-        bb = DiffusersBackbone(UNet2DModel.from_pretrained(sub, low_cpu_mem_usage=False), meta["num_classes"])
-    den = Denoiser(bb, make_precond(**meta["precond"]), meta["num_classes"])
-    den.eval()
-    return den
+def resolve_checkpoint(folder: str) -> str:
+    """The checkpoint a folder names: a run folder's latest checkpoint, else ``folder`` itself.
 
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The checkpoint folder the run's ledger points to (None if none was written)."""
-    led = PrivacyLedger.load(os.path.join(output_dir, "ledger.json"))
-    return os.path.join(output_dir, led.checkpoint) if led.checkpoint else None
+    A run folder (a ``ledger.json`` and no ``denoiser.json``) without a checkpoint yet is a
+    ``FileNotFoundError``; any other folder is returned unchanged, for the caller to load or refuse.
+    """
+    if is_checkpoint_dir(folder) or not os.path.isfile(os.path.join(folder, LEDGER_FILE)):
+        return folder
+    ck = latest_checkpoint(folder)
+    if ck is None:
+        raise FileNotFoundError(f"{folder}: the run has no checkpoint yet")
+    return ck
 
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10) -> None:
@@ -296,7 +279,7 @@ class DPDMTrainer:
             raise ValueError("give epochs or steps")
         self.total_steps = int(cfg.steps) if cfg.steps is not None else max(
             1, int(round(cfg.epochs / self.sample_rate)))
-        ledger_path = os.path.join(cfg.output_dir, "ledger.json")
+        ledger_path = os.path.join(cfg.output_dir, LEDGER_FILE)
         self.ledger_path = ledger_path
         self.fingerprint = self.dataset.fingerprint()
 
@@ -425,7 +408,6 @@ class DPDMTrainer:
         todo = max(0, min(todo, allowed))
         bar = None
         if progress:
-            from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step_count, desc="DP-SGD", unit="step")
         loss_avg = None
         for _ in range(todo):
@@ -458,8 +440,7 @@ class DPDMTrainer:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        save_denoiser(self.denoiser, tmp, "backbone")
-        self.ema.backbone.save_pretrained(os.path.join(tmp, "backbone_ema"), safe_serialization=True)
+        self.denoiser.save_pretrained(tmp, ema=self.ema)
         state = {
             "step": self.step_count,
             "optimizer": self.engine.optimizer.original_optimizer.state_dict(),
@@ -479,7 +460,7 @@ class DPDMTrainer:
                 self.ledger.notes["sample_grid_error"] = repr(e)
         snap = copy.deepcopy(self.ledger)
         snap.checkpoint, snap.checkpoint_step = name, self.step_count
-        snap.save(os.path.join(tmp, "ledger.json"))
+        snap.save(os.path.join(tmp, LEDGER_FILE))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -498,10 +479,8 @@ class DPDMTrainer:
     def _load_checkpoint(self, folder: str, optimizer: torch.optim.Optimizer) -> None:
         if not os.path.isdir(folder):
             raise LedgerError(f"ledger points to missing checkpoint {folder}")
-        loaded = load_denoiser(folder, ema=False)
-        self.denoiser.load_state_dict(loaded.state_dict())
-        ema = load_denoiser(folder, ema=True)
-        self.ema.load_state_dict(ema.state_dict())
+        self.denoiser.load_state_dict(load_denoiser(folder, ema=False).state_dict())
+        self.ema.load_state_dict(load_denoiser(folder, ema=True).state_dict())
         state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         self.gen.set_state(state["gen_state"])

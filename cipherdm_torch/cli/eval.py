@@ -26,7 +26,8 @@ from cipherdm_torch.errors import (UserError, check_out_dir, finite_float, nonne
                                    positive_int)
 from cipherdm_torch.evaluation.evaluate import (evaluate, find_ledger, grid_by_class,
                                                 load_generated, sample_checkpoint)
-from cipherdm_torch.training.trainer import save_image_grid
+from cipherdm_torch.diffusion.checkpoints import is_checkpoint_dir
+from cipherdm_torch.training.trainer import resolve_checkpoint, save_image_grid
 
 HELP = "evaluate a trained model: downstream accuracy, FID"
 __all__ = ["HELP", "configure", "run"]
@@ -94,8 +95,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         if args.real == "test" and args.classifiers.strip():
             source_info["note"] = "classifiers trained on test images are scored on those same images"
         out = args.out or os.path.join("eval", f"real-{args.real}")
-    elif os.path.isdir(args.source) and (os.path.isfile(os.path.join(args.source, "denoiser.json"))
-                                         or os.path.isfile(os.path.join(args.source, "ledger.json"))):
+    elif os.path.isdir(args.source) and is_checkpoint_dir(resolve_checkpoint(args.source)):
         kw = {"s_churn": args.s_churn} if args.method == "edm" and args.s_churn else {}
         gen = sample_checkpoint(args.source, per_class=args.per_class, method=args.method,
                                 num_steps=args.steps, guidance=args.guidance,

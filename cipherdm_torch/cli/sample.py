@@ -21,7 +21,7 @@ from typing import List, Optional
 
 from cipherdm_torch.errors import UserError, check_out_dir, finite_float, positive_float, positive_int
 from cipherdm_torch.mpc import netsim
-from cipherdm_torch.training.trainer import latest_checkpoint
+from cipherdm_torch.training.trainer import resolve_checkpoint
 from cipherdm_torch.pipelines.job import (SAMPLERS, SampleSpec, check_weights, embedded_model_dir,
                                           load_model, plaintext_twin, run_job, summary,
                                           write_samples)
@@ -94,9 +94,7 @@ def spec_from_args(args: argparse.Namespace) -> SampleSpec:
     folder = args.model or embedded_model_dir()
     if args.model is None and not os.path.isdir(folder):
         raise UserError(f"no embedded model at {folder}; pass --model FOLDER")
-    if os.path.isfile(os.path.join(folder, "ledger.json")) and not os.path.isfile(
-            os.path.join(folder, "denoiser.json")):  # a training run folder: its latest checkpoint
-        folder = latest_checkpoint(folder) or folder
+    folder = resolve_checkpoint(folder)  # a training run folder: its latest checkpoint
     check_out_dir(args.out)
     try:
         if args.link not in ("", "loopback"):

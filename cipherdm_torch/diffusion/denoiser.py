@@ -1,39 +1,43 @@
-"""Preconditioning, noise-level distributions and the denoising loss (EDM and v-prediction).
+"""The preconditioned denoiser (EDM and v-prediction) and its noise-level distributions.
 
 The denoiser is ``D(x; sigma, y) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma), y)``
-for a backbone ``F`` and noisy input ``x = x0 + sigma n`` (variance-exploding form). Its loss per
-row is ``lambda(sigma) * ||D(x0 + sigma n; sigma, y) - x0||^2`` with
-``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``.
+for a backbone ``F`` and noisy input ``x = x0 + sigma n`` (variance-exploding form).
 
 * ``EDMPrecond``: ln sigma ~ N(P_mean, P_std^2) (DPDM eps 1 and 10: sigma_data = sqrt(1/3),
   P_mean = P_std = 1.2).
 * ``VPrecond``: v-prediction, the high-sigma schedule of DPDM (eps 0.2): sigma = tan(pi t / 2) with
   t uniform on the interval whose logSNR = -2 ln sigma lies in [logsnr_min, logsnr_max]. With the
-  same c_* and lambda as EDM the network's target is the v-target (exactly so for sigma_data = 1).
+  same c_* as EDM (and EDM's loss weight, :mod:`cipherdm_torch.training.loss`) the network's
+  target is the v-target (exactly so for sigma_data = 1).
 
-The coefficient functions are plain functions of sigma so that the sampling code can reuse them.
+The coefficients are plain functions of sigma, so the secure sampler computes them in public.
+``Denoiser.save_pretrained`` / ``from_pretrained`` use the folder format of :mod:`.checkpoints`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from cipherdm_torch.diffusion import checkpoints
+
 __all__ = [
     "edm_coefficients",
-    "edm_loss_weight",
     "EDMPrecond",
     "VPrecond",
     "make_precond",
     "Denoiser",
+    "save_denoiser",
+    "load_denoiser",
 ]
 
 
-def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
+def edm_coefficients(sigma: Union[torch.Tensor, float],
+                     sigma_data: float) -> Tuple[torch.Tensor, ...]:
     """(c_skip, c_out, c_in, c_noise) for noise level(s) ``sigma`` (tensor or float)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
     s2 = sigma**2 + sigma_data**2
@@ -44,23 +48,15 @@ def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
     return c_skip, c_out, c_in, c_noise
 
 
-def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-
-
 class _EDMForm:
-    """EDM's coefficients and loss weight around ``sigma_data`` (shared by both noise-level laws)."""
+    """EDM's coefficients around ``sigma_data`` (shared by both noise-level laws)."""
 
     sigma_data: float
 
-    def coefficients(self, sigma):
+    def coefficients(self, sigma) -> Tuple[torch.Tensor, ...]:
         return edm_coefficients(sigma, self.sigma_data)
 
-    def loss_weight(self, sigma):
-        return edm_loss_weight(sigma, self.sigma_data)
-
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return asdict(self)
 
 
@@ -73,7 +69,8 @@ class EDMPrecond(_EDMForm):
     p_std: float = 1.2
     kind: str = "edm"
 
-    def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None, device=None):
+    def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None,
+                     device=None) -> torch.Tensor:
         z = torch.randn(n, generator=generator, device=device)
         return (z * self.p_std + self.p_mean).exp()
 
@@ -88,18 +85,19 @@ class VPrecond(_EDMForm):
     kind: str = "v"
 
     @property
-    def t_range(self):
+    def t_range(self) -> Tuple[float, float]:
         s_max = math.exp(-self.logsnr_min / 2.0)
         s_min = math.exp(-self.logsnr_max / 2.0)
         return 2.0 / math.pi * math.atan(s_min), 2.0 / math.pi * math.atan(s_max)
 
-    def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None, device=None):
+    def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None,
+                     device=None) -> torch.Tensor:
         t_lo, t_hi = self.t_range
         t = torch.rand(n, generator=generator, device=device) * (t_hi - t_lo) + t_lo
         return torch.tan(math.pi * t / 2.0)
 
 
-def make_precond(kind: str = "edm", **kw):
+def make_precond(kind: str = "edm", **kw) -> Union[EDMPrecond, VPrecond]:
     """``make_precond("edm", sigma_data=...)`` or ``make_precond("v", ...)`` (also from to_dict())."""
     kw = {k: v for k, v in kw.items() if k != "kind"}
     if kind == "edm":
@@ -134,56 +132,28 @@ class Denoiser(nn.Module):
         f = self.backbone(x * c_in.reshape(bc), c_noise, class_labels)
         return c_skip.reshape(bc) * x + c_out.reshape(bc) * f
 
-    def rows_for(self, x0, labels, k: int, generator=None, label_dropout: float = 0.0):
-        """Expand a batch to B*K rows (example-major: row i*K + j is example i, noise draw j).
+    # -- the folder format (checkpoints) ----------------------------------------------------
+    def save_pretrained(self, folder: str, ema: Optional["Denoiser"] = None) -> None:
+        """Write this denoiser to the checkpoint folder ``folder`` (and ``ema``'s backbone as the
+        EMA weights)."""
+        checkpoints.write_checkpoint(folder, self.backbone, self.num_classes, self.precond.to_dict(),
+                                     ema.backbone if ema is not None else None)
 
-        Returns (noisy input, sigma, labels, clean target), all with B*K rows.
+    @classmethod
+    def from_pretrained(cls, folder: str, ema: bool = True, with_weights: bool = True) -> "Denoiser":
+        """The denoiser in a checkpoint folder (EMA weights by default), in eval mode.
+
+        ``with_weights=False`` builds the architecture from the config files only.
         """
-        b = x0.shape[0]
-        x_rep = x0.repeat_interleave(k, dim=0)
-        sigma = self.precond.sample_sigma(b * k, generator=generator, device=x0.device)
-        noise = torch.randn(x_rep.shape, generator=generator, device=x0.device)
-        lab = None
-        if self.num_classes > 0:
-            if labels is None:
-                lab = torch.full((b * k,), self.null_label, dtype=torch.long, device=x0.device)
-            else:
-                lab = labels.long().repeat_interleave(k, dim=0)
-                if label_dropout > 0:
-                    drop = torch.rand(b * k, generator=generator, device=x0.device) < label_dropout
-                    lab = torch.where(drop, torch.full_like(lab, self.null_label), lab)
-        return x_rep + sigma.reshape(-1, 1, 1, 1) * noise, sigma, lab, x_rep
-
-    def row_loss(self, model_out, sigma, target, pixel_reduction: str = "sum"):
-        """Weighted squared error per row: (N,) tensor."""
-        err = (model_out - target) ** 2
-        err = err.flatten(1)
-        err = err.sum(1) if pixel_reduction == "sum" else err.mean(1)
-        return self.precond.loss_weight(sigma) * err
+        backbone, meta = checkpoints.load_backbone(folder, ema=ema, with_weights=with_weights)
+        return cls(backbone, make_precond(**meta["precond"]), meta["num_classes"]).eval()
 
 
-def per_example_loss(
-    model: nn.Module,
-    denoiser: Denoiser,
-    x0: torch.Tensor,
-    labels,
-    k: int,
-    generator=None,
-    label_dropout: float = 0.0,
-    pixel_reduction: str = "sum",
-    rows=None,
-):
-    """Each example's loss averaged over its K noise draws: a (B,) tensor.
-
-    ``model`` is what is called on the noisy rows (the denoiser itself, or an Opacus wrapper of it).
-    ``rows`` (from ``denoiser.rows_for``) fixes the noise draws, e.g. to compare gradient methods.
-    """
-    if rows is None:
-        rows = denoiser.rows_for(x0, labels, k, generator=generator, label_dropout=label_dropout)
-    xn, sigma, lab, target = rows
-    out = model(xn, sigma, lab)
-    loss_rows = denoiser.row_loss(out, sigma, target, pixel_reduction)
-    return loss_rows.reshape(x0.shape[0], k).mean(dim=1)
+def save_denoiser(denoiser: Denoiser, folder: str, ema: Optional[Denoiser] = None) -> None:
+    """``denoiser.save_pretrained(folder, ema)``: write a checkpoint folder (:mod:`.checkpoints`)."""
+    denoiser.save_pretrained(folder, ema)
 
 
-__all__.append("per_example_loss")
+def load_denoiser(folder: str, ema: bool = True, with_weights: bool = True) -> Denoiser:
+    """``Denoiser.from_pretrained(folder, ema, with_weights)``: a checkpoint folder's denoiser."""
+    return Denoiser.from_pretrained(folder, ema=ema, with_weights=with_weights)

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 
 from cipherdm_torch.data import ImageDataset, load_dataset
+from cipherdm_torch.diffusion.denoiser import load_denoiser
 from cipherdm_torch.diffusion.sampling import sample
+from cipherdm_torch.training.ledger import read_ledger
+from cipherdm_torch.training.trainer import resolve_checkpoint
 
 __all__ = ["evaluate", "load_generated", "sample_checkpoint", "to_uint8", "grid_by_class",
            "find_ledger"]
@@ -99,26 +102,15 @@ def load_generated(path: str, num_classes: Optional[int] = None) -> ImageDataset
 
 def find_ledger(folder: str) -> Optional[dict]:
     """The privacy ledger (as a dict) of a checkpoint folder or its run folder, if any."""
-    from cipherdm_torch.training.ledger import read_json
-
-    for d in (folder, os.path.dirname(os.path.abspath(folder))):
-        p = os.path.join(d, "ledger.json")
-        if os.path.isfile(p):
-            return read_json(p)
-    return None
+    led = read_ledger(folder)
+    return led.to_dict() if led is not None else None
 
 
 def sample_checkpoint(folder: str, per_class: int = 100, method: str = "edm", num_steps: int = 18,
                       guidance: float = 1.0, batch_size: int = 250, seed: int = 0,
                       ema: bool = True, progress: bool = True, **sampler_kw) -> ImageDataset:
     """``per_class`` images of every class from a checkpoint (or run) folder, plaintext sampling."""
-    from cipherdm_torch.training.trainer import latest_checkpoint, load_denoiser
-
-    if not os.path.isfile(os.path.join(folder, "denoiser.json")) and os.path.isfile(os.path.join(folder, "ledger.json")):
-        ck = latest_checkpoint(folder)
-        if ck is None:
-            raise FileNotFoundError(f"{folder}: the run has no checkpoint yet")
-        folder = ck
+    folder = resolve_checkpoint(folder)
     den = load_denoiser(folder, ema=ema)
     k = den.num_classes
     if k <= 0:

@@ -23,6 +23,11 @@ from typing import List
 
 import torch
 
+from diffusers import UNet2DModel
+
+from cipherdm_torch.diffusion.backbones import image_shape
+from cipherdm_torch.diffusion.checkpoints import backbone_dir, is_checkpoint_dir
+from cipherdm_torch.diffusion.denoiser import load_denoiser
 from cipherdm_torch.errors import UserError
 
 __all__ = ["SampleSpec", "EMBEDDED_MODEL", "SAMPLERS", "embedded_model_dir", "load_model",
@@ -52,10 +57,6 @@ class SampleSpec:
     ema: bool = True
 
 
-def _is_dpdm_checkpoint(folder: str) -> bool:
-    return os.path.exists(os.path.join(folder, "denoiser.json"))
-
-
 def load_model(folder: str, with_weights: bool, ema: bool = True):
     """(model, kind): a DPDM ``Denoiser`` ("dpdm") or a diffusers ``UNet2DModel`` ("unet2d").
 
@@ -64,15 +65,9 @@ def load_model(folder: str, with_weights: bool, ema: bool = True):
     if not os.path.isdir(folder):
         raise UserError(f"model folder {folder!r} does not exist (pass a DPDM checkpoint folder "
                         f"or a diffusers UNet2DModel folder with --model)")
-    if _is_dpdm_checkpoint(folder):
-        from cipherdm_torch.training.trainer import load_denoiser
-
-        if with_weights:
-            return load_denoiser(folder, ema=ema), "dpdm"
-        return _dpdm_architecture(folder, ema), "dpdm"
-    from diffusers import UNet2DModel
-
-    sub = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
+    if is_checkpoint_dir(folder):
+        return load_denoiser(folder, ema=ema, with_weights=with_weights), "dpdm"
+    sub = _weights_folder(folder, "unet2d", ema)
     if not os.path.exists(os.path.join(sub, "config.json")):
         raise UserError(f"{folder!r} is neither a DPDM checkpoint (denoiser.json) nor a "
                         f"diffusers UNet2DModel folder (config.json): pass a model folder with "
@@ -82,29 +77,9 @@ def load_model(folder: str, with_weights: bool, ema: bool = True):
     return UNet2DModel.from_config(UNet2DModel.load_config(sub)).eval(), "unet2d"
 
 
-def _dpdm_architecture(folder: str, ema: bool):
-    from diffusers import UNet2DModel
-
-    from cipherdm_torch.training.ledger import read_json
-    from cipherdm_torch.diffusion.denoiser import Denoiser, make_precond
-    from cipherdm_torch.diffusion.backbones import DiffusersBackbone, DPUNet
-
-    meta = read_json(os.path.join(folder, "denoiser.json"))
-    sub = os.path.join(folder, "backbone_ema" if ema else "backbone")
-    if not os.path.isdir(sub):
-        sub = os.path.join(folder, "backbone")
-    if meta["backbone"] == "own":
-        bb = DPUNet.from_config(DPUNet.load_config(sub))
-    else:
-        bb = DiffusersBackbone(UNet2DModel.from_config(UNet2DModel.load_config(sub)),
-                               meta["num_classes"])
-    return Denoiser(bb, make_precond(**meta["precond"]), meta["num_classes"]).eval()
-
-
 def _weights_folder(folder: str, kind: str, ema: bool) -> str:
     if kind == "dpdm":
-        sub = os.path.join(folder, "backbone_ema" if ema else "backbone")
-        return sub if os.path.isdir(sub) else os.path.join(folder, "backbone")
+        return backbone_dir(folder, ema)
     return os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
 
 
@@ -180,12 +155,6 @@ def _scheduler(folder: str, sampler: str):
     return cls(num_train_timesteps=1000)
 
 
-def _image_shape(model, kind):
-    cfg = model.backbone.config if kind == "dpdm" else model.config
-    res = cfg.get("img_resolution", None) or cfg.get("sample_size")
-    return (cfg["in_channels"], res, res)
-
-
 def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool = False):
     """One party's part: load (owner) or build (others), encrypt, run the secure pipeline.
 
@@ -205,7 +174,7 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
         netsim.activate(spec.link)
     backend = rss_backend.replicated_backend() if spec.backend == "rss" else nullcontext()
     model, kind = load_model(spec.model, with_weights=p.is_owner, ema=spec.ema)
-    shape = _image_shape(model, kind)
+    shape = image_shape(model)
     n = n_images
     user = dict(seed=seed if p.is_user else None, class_labels=labels if p.is_user else None)
     t0 = time.perf_counter()
@@ -246,7 +215,7 @@ def plaintext_twin(spec: SampleSpec) -> torch.Tensor:
     from cipherdm_torch.pipelines.secure import plaintext_edm_sample, plaintext_scheduler_sample
 
     model, kind = load_model(spec.model, with_weights=True, ema=spec.ema)
-    shape = _image_shape(model, kind)
+    shape = image_shape(model)
     n = len(spec.labels)
     if kind == "dpdm":
         return plaintext_edm_sample(model, n, spec.steps, shape, spec.seed, spec.labels,
