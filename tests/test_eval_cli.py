@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cipherdm_torch import cli
-from cipherdm_torch.evaluation.evaluate import grid_by_class, load_generated, to_uint8
+from cipherdm_torch.data import to_uint8
+from cipherdm_torch.evaluation.evaluate import grid_by_class, load_generated
 
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -88,3 +89,49 @@ def test_cli_usage_errors(tmp_path):
 
     assert cli.main(["eval"]) == 2  # the commands' one error path: exit 2
     assert cli.main(["eval", str(tmp_path / "missing.pt")]) == 2
+
+
+# ------------------------------------------------------------------ images: same pixels as before
+def _reference_save_image_grid(images, path, nrow=10):
+    """The hand-made grid that ``diffusion.images.save_image_grid`` replaced (frozen here)."""
+    from PIL import Image
+
+    x = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    n, c, h, w = x.shape
+    ncol = min(nrow, n)
+    nrows = -(-n // ncol)
+    grid = torch.zeros((c, nrows * (h + 2) + 2, ncol * (w + 2) + 2), dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = x[i]
+    arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(arr)).save(path)
+
+
+@pytest.mark.parametrize("n,c,nrow", [(1, 1, 10), (7, 1, 3), (25, 1, 10), (10, 1, 1), (5, 3, 2)])
+def test_image_grid_same_pixels_as_before(tmp_path, n, c, nrow):
+    from PIL import Image
+
+    from cipherdm_torch.diffusion.images import save_image_grid
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(n, c, 6, 5, generator=g) * 2.4 - 1.2  # some values outside [-1, 1]
+    x[0, 0, 0, :3] = torch.tensor([-1.0, 1.0, 0.0])
+    _reference_save_image_grid(x, tmp_path / "old.png", nrow)
+    save_image_grid(x, str(tmp_path / "new.png"), nrow)
+    old, new = Image.open(tmp_path / "old.png"), Image.open(tmp_path / "new.png")
+    assert new.mode == old.mode and new.size == old.size
+    assert np.array_equal(np.asarray(new), np.asarray(old))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_uint8_conversions_match_the_old_expressions():
+    from cipherdm_torch.data import from_uint8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 5, 5, generator=g) * 2.2 - 1.1
+    assert torch.equal(to_uint8(x), ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    u = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert torch.equal(from_uint8(u), u.float() / 127.5 - 1.0)
+    assert torch.equal(to_uint8(from_uint8(u)), u) and to_uint8(u) is u
+    assert torch.equal(from_uint8(x), x)

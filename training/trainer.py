@@ -29,7 +29,6 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -37,6 +36,7 @@ from cipherdm_torch.data import ImageDataset, load_dataset
 from cipherdm_torch.diffusion.backbones import DDPMppUNet, count_parameters, make_diffusers_unet
 from cipherdm_torch.diffusion.checkpoints import is_checkpoint_dir
 from cipherdm_torch.diffusion.denoiser import Denoiser, load_denoiser, make_precond
+from cipherdm_torch.diffusion.images import save_image_grid
 from cipherdm_torch.diffusion.sampling import sample as sample_images
 from cipherdm_torch.errors import UserError
 from cipherdm_torch.files import atomic_write_json, read_json
@@ -53,7 +53,6 @@ __all__ = [
     "validate_config",
     "derive_dp_seed",
     "FIXED_ON_RESUME",
-    "save_image_grid",
 ]
 
 
@@ -224,24 +223,6 @@ def resolve_checkpoint(folder: str) -> str:
     if ck is None:
         raise FileNotFoundError(f"{folder}: the run has no checkpoint yet")
     return ck
-
-
-def save_image_grid(images: torch.Tensor, path: str, nrow: int = 10) -> None:
-    """Save (N, C, H, W) images in [-1, 1] as one PNG grid (atomically)."""
-    from PIL import Image
-
-    x = ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    n, c, h, w = x.shape
-    ncol = min(nrow, n)
-    nrows = math.ceil(n / ncol)
-    grid = torch.zeros((c, nrows * (h + 2) + 2, ncol * (w + 2) + 2), dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = x[i]
-    arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
-    tmp = path + ".tmp.png"
-    Image.fromarray(np.ascontiguousarray(arr)).save(tmp)
-    os.replace(tmp, path)
 
 
 def _differs(a, b) -> bool:

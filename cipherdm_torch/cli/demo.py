@@ -10,7 +10,6 @@ tensor demo instead: the user's secret tensor is shared, computed on, revealed t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import List
 
@@ -22,6 +21,7 @@ from cipherdm_torch.mpc.cost import CostMeter
 from cipherdm_torch.mpc.crypten_compat import crypten
 from cipherdm_torch.mpc.runtime import Roles, launch, party
 from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run_job, summary
+from cipherdm_torch.training.ledger import LEDGER_FILE, PrivacyLedger
 
 HELP = "end-to-end demo: three parties securely sample digits from the embedded DP model"
 __all__ = ["HELP", "configure", "run", "run_demo"]
@@ -76,10 +76,10 @@ def basic_demo(seed: int) -> int:
 
 def ledger_summary(model_dir: str) -> str:
     """The privacy ledger shipped with the weights, in a few lines."""
-    path = os.path.join(model_dir, "ledger.json")
+    path = os.path.join(model_dir, LEDGER_FILE)
     if not os.path.exists(path):
         return f"no privacy ledger at {path}"
-    led = json.load(open(path))
+    led = PrivacyLedger.load(path).to_dict()  # epsilon recomputed from the history
     keys = ("epsilon_spent", "epsilon_budget", "delta", "accountant", "steps",
             "expected_batch_size", "noise_multiplicity", "max_grad_norm", "dataset_name",
             "dataset_size", "dataset_fingerprint")

@@ -22,12 +22,14 @@ from typing import List
 import torch
 
 from cipherdm_torch.data import load_dataset
+from cipherdm_torch.diffusion.checkpoints import is_checkpoint_dir
+from cipherdm_torch.diffusion.images import save_image_grid
 from cipherdm_torch.errors import (UserError, check_out_dir, finite_float, nonnegative_float,
                                    positive_int)
 from cipherdm_torch.evaluation.evaluate import (evaluate, find_ledger, grid_by_class,
                                                 load_generated, sample_checkpoint)
-from cipherdm_torch.diffusion.checkpoints import is_checkpoint_dir
-from cipherdm_torch.training.trainer import resolve_checkpoint, save_image_grid
+from cipherdm_torch.files import atomic_write_json
+from cipherdm_torch.training.trainer import resolve_checkpoint
 
 HELP = "evaluate a trained model: downstream accuracy, FID"
 __all__ = ["HELP", "configure", "run"]
@@ -133,9 +135,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     report["grid"] = os.path.abspath(grid_path)
     report["seconds"]["wall"] = round(time.perf_counter() - t0, 1)
     path = os.path.join(out, "report.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, report, indent=1, sort_keys=False, allow_nan=True)
     print(json.dumps({k: report.get(k) for k in ("num_samples", "accuracy", "fid_classifier", "fid_inception")}, indent=1))
     print(f"report: {path}\ngrid:   {grid_path}")
     return 0

@@ -19,12 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cipherdm_torch.data import from_uint8
+
 __all__ = ["LogReg", "MLP", "SmallCNN", "CLASSIFIERS", "make_classifier", "train_classifier",
            "accuracy", "downstream_accuracies"]
-
-
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
 
 
 class LogReg(nn.Module):
@@ -103,7 +101,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            x = _as_float(images[idx]).to(device)
+            x = from_uint8(images[idx]).to(device)
             loss = F.cross_entropy(model(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,7 +120,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        pred = model(_as_float(images[i:i + batch_size]).to(device)).argmax(1).cpu()
+        pred = model(from_uint8(images[i:i + batch_size]).to(device)).argmax(1).cpu()
         correct += int((pred == torch.as_tensor(labels[i:i + batch_size])).sum())
     return correct / max(len(images), 1)
 

@@ -24,21 +24,13 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from cipherdm_torch.data import ImageDataset, load_dataset
+from cipherdm_torch.data import ImageDataset, load_dataset, to_uint8
 from cipherdm_torch.diffusion.denoiser import load_denoiser
 from cipherdm_torch.diffusion.sampling import sample
 from cipherdm_torch.training.ledger import read_ledger
 from cipherdm_torch.training.trainer import resolve_checkpoint
 
-__all__ = ["evaluate", "load_generated", "sample_checkpoint", "to_uint8", "grid_by_class",
-           "find_ledger"]
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (float) or uint8 -> uint8, as a PNG would store them."""
-    if x.dtype == torch.uint8:
-        return x
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+__all__ = ["evaluate", "load_generated", "sample_checkpoint", "grid_by_class", "find_ledger"]
 
 
 # ---------------------------------------------------------------------------- inputs

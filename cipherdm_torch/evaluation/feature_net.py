@@ -27,8 +27,14 @@ import time
 from typing import List, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from cipherdm_torch.data import ImageDataset, load_dataset
 from cipherdm_torch.evaluation.classifiers import SmallCNN, accuracy, train_classifier
+from cipherdm_torch.evaluation.fid import cache_dir
+from cipherdm_torch.files import atomic_write_bytes
 
 __all__ = ["FeatureNet", "train_feature_net", "save_feature_net", "read_feature_net",
            "load_feature_net", "main"]
@@ -37,9 +43,8 @@ RECIPE = {"epochs": 3, "batch_size": 128, "lr": 1e-3, "seed": 0}
 
 
 def _asset_path() -> str:
-    import cipherdm_torch
-
-    return os.path.join(os.path.dirname(cipherdm_torch.__file__), "assets", "mnist_feature_net.safetensors")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # cipherdm_torch/
+    return os.path.join(package, "assets", "mnist_feature_net.safetensors")
 
 
 class FeatureNet(torch.nn.Module):
@@ -60,9 +65,10 @@ class FeatureNet(torch.nn.Module):
         return self.cnn.features(x.float())
 
 
-def train_feature_net(train_set, test_set=None, epochs: int = RECIPE["epochs"],
-                      batch_size: int = RECIPE["batch_size"], lr: float = RECIPE["lr"],
-                      seed: int = RECIPE["seed"], progress: bool = True) -> FeatureNet:
+def train_feature_net(train_set: ImageDataset, test_set: Optional[ImageDataset] = None,
+                      epochs: int = RECIPE["epochs"], batch_size: int = RECIPE["batch_size"],
+                      lr: float = RECIPE["lr"], seed: int = RECIPE["seed"],
+                      progress: bool = True) -> FeatureNet:
     """Train ``SmallCNN`` on a real training ``ImageDataset`` (Adam, cross-entropy)."""
     torch.manual_seed(seed)
     cnn = SmallCNN(train_set.shape, train_set.num_classes)
@@ -83,20 +89,14 @@ def train_feature_net(train_set, test_set=None, epochs: int = RECIPE["epochs"],
 
 
 def save_feature_net(net: FeatureNet, path: str) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write the network's weights and its ``meta`` as one safetensors file (atomically)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in net.cnn.state_dict().items()}
-    tmp = path + ".tmp"
-    save_file(sd, tmp, metadata={"meta": json.dumps(net.meta, sort_keys=True)})
-    os.chmod(tmp, 0o644)  # package data: readable by every user
-    os.replace(tmp, path)
+    data = safetensors_bytes(sd, metadata={"meta": json.dumps(net.meta, sort_keys=True)})
+    atomic_write_bytes(path, data, mode=0o644)  # package data: readable by every user
 
 
 def read_feature_net(path: str) -> FeatureNet:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    """The feature net saved in ``path`` by :func:`save_feature_net`."""
     with safe_open(path, framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("meta", "{}"))
     if "shape" not in meta:
@@ -106,7 +106,8 @@ def read_feature_net(path: str) -> FeatureNet:
     return FeatureNet(cnn, meta)
 
 
-def load_feature_net(data: str = "mnist", train_set=None, progress: bool = True) -> FeatureNet:
+def load_feature_net(data: str = "mnist", train_set: Optional[ImageDataset] = None,
+                     progress: bool = True) -> FeatureNet:
     """The feature net for the data set ``data``: the shipped asset for ``"mnist"``.
 
     Any other data set gets a network trained on ``train_set`` (its training split, loaded if not
@@ -115,11 +116,7 @@ def load_feature_net(data: str = "mnist", train_set=None, progress: bool = True)
     if data.lower() == "mnist":
         return read_feature_net(_asset_path())
     if train_set is None:
-        from cipherdm_torch.data import load_dataset
-
         train_set = load_dataset(data, "train")
-    from cipherdm_torch.evaluation.fid import cache_dir
-
     fp = train_set.fingerprint().split(":")[-1][:24]
     path = os.path.join(os.path.dirname(cache_dir()), "feature_nets", f"{fp}.safetensors")
     if os.path.exists(path):
@@ -138,8 +135,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from cipherdm_torch.data import load_dataset
-
     train, test = load_dataset(args.data, "train"), load_dataset(args.data, "test")
     net = train_feature_net(train, test, epochs=args.epochs)
     out = args.out or _asset_path()

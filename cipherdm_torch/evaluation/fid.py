@@ -14,12 +14,17 @@ classifier trained by the project). Reference statistics of a training set are c
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from cipherdm_torch.data import from_uint8
+from cipherdm_torch.files import atomic_write_bytes
 
 __all__ = [
     "FeatureStats",
@@ -49,9 +54,10 @@ class FeatureStats:
         return cls(f.mean(0), np.cov(f, rowvar=False), len(f))
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, mu=self.mu, cov=self.cov, n=np.int64(self.n))
-        os.replace(tmp, path)
+        """Write ``mu``, ``cov`` and ``n`` as an ``.npz`` file (atomically)."""
+        buf = io.BytesIO()
+        np.savez(buf, mu=self.mu, cov=self.cov, n=np.int64(self.n))
+        atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str) -> "FeatureStats":
@@ -88,12 +94,9 @@ def feature_stats(extract: FeatureFn, images: torch.Tensor, batch_size: int = 25
     feats = []
     it = range(0, len(images), batch_size)
     if progress:
-        from tqdm.auto import tqdm
         it = tqdm(it, desc=progress, unit="batch", leave=False)
     for i in it:
-        x = images[i:i + batch_size]
-        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
-        feats.append(extract(x).double().cpu().numpy())
+        feats.append(extract(from_uint8(images[i:i + batch_size])).double().cpu().numpy())
     return FeatureStats.from_features(np.concatenate(feats))
 
 
@@ -120,6 +123,5 @@ def reference_stats(extract: FeatureFn, extractor_id: str, dataset, batch_size: 
     stats = feature_stats(extract, dataset.images, batch_size,
                           progress=f"{extractor_id} stats of {dataset.name or 'reference'}" if progress else None)
     if cache:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         stats.save(path)
     return stats

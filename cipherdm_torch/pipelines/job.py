@@ -28,7 +28,9 @@ from diffusers import UNet2DModel
 from cipherdm_torch.diffusion.backbones import image_shape
 from cipherdm_torch.diffusion.checkpoints import backbone_dir, is_checkpoint_dir
 from cipherdm_torch.diffusion.denoiser import load_denoiser
+from cipherdm_torch.diffusion.images import save_image_grid
 from cipherdm_torch.errors import UserError
+from cipherdm_torch.files import atomic_write_json
 
 __all__ = ["SampleSpec", "EMBEDDED_MODEL", "SAMPLERS", "embedded_model_dir", "load_model",
            "check_weights", "run_job", "summary", "plaintext_twin", "write_samples"]
@@ -227,8 +229,6 @@ def plaintext_twin(spec: SampleSpec) -> torch.Tensor:
 
 def write_samples(images: torch.Tensor, labels: List[int], out_dir: str) -> dict:
     """``samples.png`` (grid) and ``samples.pt`` (images in [-1, 1] + labels) in ``out_dir``."""
-    from cipherdm_torch.training.trainer import save_image_grid
-
     os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, "samples.png")
     save_image_grid(images, png, nrow=min(10, len(labels)))
@@ -266,9 +266,7 @@ def run_job(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
         reference = next(r["reference"] for r in results if r["reference"] is not None)
         report["fidelity"] = fidelity(user["images"], reference)
     path = os.path.join(out_dir, "cost_report.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, report, indent=1, sort_keys=False, allow_nan=True)  # PSNR may be inf
     report["report_path"] = path
     return report
 
