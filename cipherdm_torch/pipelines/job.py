@@ -17,20 +17,28 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import List
 
 import torch
-
-from diffusers import UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from cipherdm_torch.diffusion.backbones import image_shape
 from cipherdm_torch.diffusion.checkpoints import backbone_dir, is_checkpoint_dir
 from cipherdm_torch.diffusion.denoiser import load_denoiser
 from cipherdm_torch.diffusion.images import save_image_grid
+from cipherdm_torch.compiler import encrypt
+from cipherdm_torch.diffusion.sampling import fidelity
 from cipherdm_torch.errors import UserError
 from cipherdm_torch.files import atomic_write_json
+from cipherdm_torch.mpc import netsim
+from cipherdm_torch.mpc.runtime import Roles, launch, party
+from cipherdm_torch.pipelines.secure import (SecureDDIMPipeline, SecureDDPMPipeline,
+                                             SecureEDMPipeline, plaintext_edm_sample,
+                                             plaintext_scheduler_sample)
+from cipherdm_torch.protocols import config as pconfig
+from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 __all__ = ["SampleSpec", "EMBEDDED_MODEL", "SAMPLERS", "embedded_model_dir", "load_model",
            "check_weights", "run_job", "summary", "plaintext_twin", "write_samples"]
@@ -147,8 +155,6 @@ def check_weights(folder: str, kind: str, model, ema: bool = True) -> None:
 
 
 def _scheduler(folder: str, sampler: str):
-    from diffusers import DDIMScheduler, DDPMScheduler
-
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
     for sub in ("scheduler", "."):
         path = os.path.join(folder, sub, "scheduler_config.json")
@@ -164,13 +170,6 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
     the user's process (and, with ``check``, the owner's, which then computes the plaintext
     twin where the weights are).
     """
-    from cipherdm_torch.compiler import encrypt
-    from cipherdm_torch.mpc import netsim
-    from cipherdm_torch import party
-    from cipherdm_torch.pipelines.secure import SecureDDIMPipeline, SecureDDPMPipeline, SecureEDMPipeline
-    from cipherdm_torch.protocols import config as pconfig
-    from cipherdm_torch.protocols.replicated import backend as rss_backend
-
     p = party()
     if spec.link not in ("", "loopback"):
         netsim.activate(spec.link)
@@ -205,8 +204,6 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
                 batch_size=n, num_inference_steps=spec.steps, image_shape=shape, **user)
     reference = None
     if check and p.is_owner:
-        from dataclasses import replace
-
         reference = plaintext_twin(replace(spec, seed=seed, labels=list(labels)))
     return {"rank": p.rank, "images": out.images, "report": out.report(),
             "setup_seconds": setup, "seconds": time.perf_counter() - t0, "reference": reference}
@@ -214,8 +211,6 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
 
 def plaintext_twin(spec: SampleSpec) -> torch.Tensor:
     """The same sampling in plaintext (same model, noise and labels)."""
-    from cipherdm_torch.pipelines.secure import plaintext_edm_sample, plaintext_scheduler_sample
-
     model, kind = load_model(spec.model, with_weights=True, ema=spec.ema)
     shape = image_shape(model)
     n = len(spec.labels)
@@ -239,13 +234,6 @@ def write_samples(images: torch.Tensor, labels: List[int], out_dir: str) -> dict
 
 def run_job(spec: SampleSpec, out_dir: str, check: bool = False) -> dict:
     """Launch the three parties, write the grid and the report; return the report."""
-    from cipherdm_torch import launch
-    from cipherdm_torch.diffusion.sampling import fidelity
-
-    from dataclasses import replace
-
-    from cipherdm_torch.mpc.runtime import Roles
-
     os.makedirs(out_dir, exist_ok=True)
     roles = Roles()
     secret = {"seed": spec.seed, "labels": list(spec.labels)}
