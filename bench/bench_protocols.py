@@ -4,7 +4,7 @@ Prints, in one three-party run, per function / variant / backend: bytes sent by
 party 0 per element, by the busiest party ("max B"), rounds (the most any party waited), seconds, max and mean absolute error (relative for reciprocal / rsqrt) against the
 exact function on the recorded UNet input ranges (protocols/recorded_ranges: both recorded models),
 then the ratios optimised / baseline. Backends: CrypTen's ``replicated`` protocol,
-and the project's dealer-free replicated backend ``rss`` (protocols.rss_backend)
+and the project's dealer-free replicated backend ``rss`` (protocols.replicated)
 when it is present::
 
     python bench/bench_protocols.py [--elements 4096] [--json out.json]

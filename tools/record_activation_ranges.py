@@ -13,9 +13,9 @@ records:
 
 Writes ``protocols/activation_ranges.json`` (used by the protocol tests)::
 
-    python bench/record_activation_ranges.py --train-seconds 180
+    python tools/record_activation_ranges.py --train-seconds 180
 
-``--model shipped`` records the embedded DP model (DPUNet, EDM) instead, over the
+``--model shipped`` records the embedded DP model (DDPMppUNet, EDM) instead, over the
 EDM-18 Heun and the demo's Euler-8 trajectories and 39 noise levels, into
 ``protocols/activation_ranges_dpdm_mnist.json``. Recording is a torch function
 mode, so functional calls (``F.silu``, ``Tensor.softmax``, fused attention) are seen.
@@ -191,7 +191,7 @@ def main():
 
         denoiser, _ = load_model(embedded_model_dir(), with_weights=True)
         record_shipped(denoiser.eval(), images, rec)
-        info = {"class": "cipherdm_torch DPUNet (shipped dpdm-mnist, EDM, eps 10)",
+        info = {"class": "cipherdm_torch DDPMppUNet (shipped dpdm-mnist, EDM, eps 10)",
                 "parameters": sum(p.numel() for p in denoiser.parameters()),
                 "recorded": "EDM-18 Heun + Euler-8 trajectories (10 samples, digits 0-9) + "
                             "39 noise levels sigma 80..0.002 on MNIST"}
