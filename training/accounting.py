@@ -8,13 +8,14 @@ implementation) for cross-checks.
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from typing import Iterable, List, Sequence, Tuple
 
-import math
-
 from opacus.accountants import create_accountant
+
+from cipherdm_torch.errors import UserError
 
 __all__ = [
     "ACCOUNTANTS",
@@ -91,8 +92,6 @@ def noise_multiplier_for(
     budget does not buy more noise than it needs. Epsilon is computed as the ledger computes it
     (same accountant, same RDP orders). An unreachable target raises ``UserError``.
     """
-    from cipherdm_torch.errors import UserError
-
     for name, value in (("epsilon", target_epsilon), ("delta", delta), ("sample rate", sample_rate)):
         if not math.isfinite(value):
             raise UserError(f"{name} must be a finite number, got {value}")

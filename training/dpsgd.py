@@ -18,15 +18,17 @@ K*C), which breaks the accounting; the K-collapse before clipping is what makes 
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 
 from cipherdm_torch.diffusion.denoiser import Denoiser
-from cipherdm_torch.training.loss import per_example_loss
+from cipherdm_torch.errors import UserError
+from cipherdm_torch.training.loss import Rows, per_example_loss
 
 __all__ = ["DPSGDEngine", "poisson_sample", "collapse_grad_samples", "check_no_example_mixing",
            "GRAD_SAMPLE_MODES"]
@@ -39,7 +41,7 @@ def poisson_sample(n: int, q: float, generator: Optional[torch.Generator] = None
     return torch.nonzero(torch.rand(n, generator=generator) < q, as_tuple=False).flatten()
 
 
-def collapse_grad_samples(params, batch: int, k: int) -> None:
+def collapse_grad_samples(params: Iterable[nn.Parameter], batch: int, k: int) -> None:
     """Replace each ``p.grad_sample`` of B*K rows by the per-example sums of its K rows (B rows)."""
     for p in params:
         gs = p.grad_sample
@@ -61,10 +63,6 @@ def check_no_example_mixing(model: nn.Module) -> None:
     gradient, so the ledger's epsilon would be wrong. Checked before any step (Opacus'
     ``ModuleValidator`` plus an explicit scan of the batch-norm family).
     """
-    from opacus.validators import ModuleValidator
-
-    from cipherdm_torch.errors import UserError
-
     mixing = [f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules()
               if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm))]
     if mixing:
@@ -160,7 +158,9 @@ class DPSGDEngine:
         collapse_grad_samples(self.params, x0.shape[0], self.k)
         return loss.detach()
 
-    def per_example_grads(self, x0, labels=None, generator=None, rows=None) -> Dict[str, torch.Tensor]:
+    def per_example_grads(self, x0: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                          generator: Optional[torch.Generator] = None,
+                          rows: Optional[Rows] = None) -> Dict[str, torch.Tensor]:
         """Unclipped per-example gradients of the K-averaged losses: name -> (B, *param.shape)."""
         self.optimizer.zero_grad(set_to_none=True)
         self._backward_chunk(x0, labels, generator, rows=rows)
@@ -170,7 +170,8 @@ class DPSGDEngine:
         return out
 
     # -- one logical DP step ---------------------------------------------------------------
-    def step(self, x0: torch.Tensor, labels: Optional[torch.Tensor], generator=None) -> float:
+    def step(self, x0: torch.Tensor, labels: Optional[torch.Tensor],
+             generator: Optional[torch.Generator] = None) -> float:
         """One DP-SGD step on a (Poisson-sampled) logical batch; returns its mean loss.
 
         An empty batch is a valid Poisson draw: the update is then noise only.

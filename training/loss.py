@@ -15,8 +15,9 @@ import torch.nn as nn
 
 from cipherdm_torch.diffusion.denoiser import Denoiser
 
-__all__ = ["edm_loss_weight", "rows_for", "row_loss", "per_example_loss"]
+__all__ = ["edm_loss_weight", "rows_for", "row_loss", "per_example_loss", "Rows"]
 
+# (noisy input, sigma, labels or None, clean target), B*K rows each
 Rows = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]
 
 

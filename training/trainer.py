@@ -106,14 +106,14 @@ class TrainConfig:
     dp_seed: Optional[int] = None  # Poisson sampling and DP noise; None: fresh OS randomness
     threads: Optional[int] = None
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         d = asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attn_resolutions"] = list(self.attn_resolutions)
         return d
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -180,7 +180,7 @@ def _precond_from_config(cfg: TrainConfig):
     return make_precond(cfg.precond, **kw)
 
 
-def build_denoiser(cfg: TrainConfig, image_shape, num_classes: int) -> Denoiser:
+def build_denoiser(cfg: TrainConfig, image_shape: Sequence[int], num_classes: int) -> Denoiser:
     """A fresh ``Denoiser`` for images of shape (C, H, W) as the config describes."""
     c, h, w = image_shape
     if h != w:
@@ -322,7 +322,8 @@ class DPDMTrainer:
         self._steps_left = None
 
     @classmethod
-    def resume(cls, output_dir: str, dataset: Optional[ImageDataset] = None, **overrides):
+    def resume(cls, output_dir: str, dataset: Optional[ImageDataset] = None,
+               **overrides) -> "DPDMTrainer":
         """Continue the run in ``output_dir`` (config from its train_config.json)."""
         path = os.path.join(output_dir, "train_config.json")
         if not os.path.exists(path):
@@ -468,8 +469,10 @@ class DPDMTrainer:
         self.step_count = int(state["step"])
 
     # -- sampling ---------------------------------------------------------------------------
-    def sample(self, labels=None, num_samples: int = 16, method: str = "edm", num_steps: int = 18,
-               guidance: Optional[float] = None, use_ema: bool = True, generator=None):
+    def sample(self, labels: Optional[Sequence[int]] = None, num_samples: int = 16,
+               method: str = "edm", num_steps: int = 18, guidance: Optional[float] = None,
+               use_ema: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Images in [-1, 1] from the EMA (or raw) weights; guidance defaults to the config's."""
         den = self.ema if use_ema else self.denoiser
         return sample_images(den, labels=labels, num_samples=num_samples, method=method,
                              num_steps=num_steps,

@@ -254,10 +254,11 @@ class DiffusersBackbone(nn.Module):
             )
 
     @property
-    def config(self):
+    def config(self) -> dict:
         return self.unet.config
 
-    def forward(self, x, noise_labels, class_labels=None):
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
+                class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.num_classes > 0 and class_labels is None:
             class_labels = torch.full(
                 (x.shape[0],), self.num_classes, dtype=torch.long, device=x.device
@@ -278,7 +279,7 @@ class DiffusersBackbone(nn.Module):
             out = out * t.reshape(-1, *([1] * (out.ndim - 1)))
         return out.contiguous()
 
-    def save_pretrained(self, path, **kw):
+    def save_pretrained(self, path: str, **kw) -> None:
         self.unet.save_pretrained(path, **kw)
 
 
@@ -318,7 +319,7 @@ def make_diffusers_unet(
     return DiffusersBackbone(unet, num_classes)
 
 
-def image_shape(model) -> Optional[Tuple[int, int, int]]:
+def image_shape(model: nn.Module) -> Optional[Tuple[int, int, int]]:
     """(channels, height, width) of a model's samples, read from its config; None if it does not say.
 
     ``model``: a :class:`~cipherdm_torch.diffusion.denoiser.Denoiser` (read through its backbone),

@@ -70,7 +70,7 @@ class EDMPrecond(_EDMForm):
     kind: str = "edm"
 
     def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None,
-                     device=None) -> torch.Tensor:
+                     device: Optional[torch.device] = None) -> torch.Tensor:
         z = torch.randn(n, generator=generator, device=device)
         return (z * self.p_std + self.p_mean).exp()
 
@@ -91,7 +91,7 @@ class VPrecond(_EDMForm):
         return 2.0 / math.pi * math.atan(s_min), 2.0 / math.pi * math.atan(s_max)
 
     def sample_sigma(self, n: int, generator: Optional[torch.Generator] = None,
-                     device=None) -> torch.Tensor:
+                     device: Optional[torch.device] = None) -> torch.Tensor:
         t_lo, t_hi = self.t_range
         t = torch.rand(n, generator=generator, device=device) * (t_hi - t_lo) + t_lo
         return torch.tan(math.pi * t / 2.0)
@@ -123,7 +123,8 @@ class Denoiser(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: Union[torch.Tensor, float],
+                class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.dim() == 0:
             sigma = sigma.expand(x.shape[0])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -39,16 +39,17 @@ class Noise:
     """
 
     def __init__(self, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 device=None):
+                 device: Optional[Union[str, torch.device]] = None):
         if seed is not None and generator is not None:
             raise ValueError("give a seed or a generator, not both")
         self.generator = torch.Generator().manual_seed(int(seed)) if seed is not None else generator
         self.device = device
 
-    def _randn(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def _randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.randn(tuple(shape), generator=self.generator, device=self.device, dtype=dtype)
 
-    def draw(self, shape, scale: float = 1.0):
+    def draw(self, shape: Sequence[int], scale: float = 1.0) -> Any:
+        """``scale`` times a standard normal draw of ``shape`` (a tensor; a share in SharedNoise)."""
         return self._randn(shape) * scale
 
 
@@ -64,7 +65,7 @@ class SharedNoise(Noise):
         self.generator = torch.Generator().manual_seed(int(seed)) if self.is_user else None
         self.device = None
 
-    def draw(self, shape, scale: float = 1.0):
+    def draw(self, shape: Sequence[int], scale: float = 1.0) -> Any:
         import crypten  # only on the secure path: plaintext sampling (and training) never loads it
 
         z = self._randn(shape) * scale if self.is_user else torch.zeros(tuple(shape))
@@ -113,9 +114,9 @@ def _run_steps(steps: Sequence, body: Callable, log: Optional[StepLog], progress
         bar.close()
 
 
-def scheduler_loop(denoise: Callable, scheduler, x, noise: Noise, eta: float = 0.0,
+def scheduler_loop(denoise: Callable, scheduler: Any, x: Any, noise: Noise, eta: float = 0.0,
                    clamp: Callable = public_clamp, log: Optional[StepLog] = None,
-                   progress: bool = False):
+                   progress: bool = False) -> Any:
     """diffusers-style loop: ``model_output = denoise(x, t)``, then the scheduler's affine step."""
     state = {"x": x}
 
@@ -131,9 +132,9 @@ def scheduler_loop(denoise: Callable, scheduler, x, noise: Noise, eta: float = 0
     return state["x"]
 
 
-def edm_loop(denoise: Callable, sigmas: Sequence[float], x, noise: Noise, heun: bool = True,
+def edm_loop(denoise: Callable, sigmas: Sequence[float], x: Any, noise: Noise, heun: bool = True,
              s_churn: float = 0.0, s_min: float = 0.0, s_max: float = float("inf"),
-             s_noise: float = 1.0, log: Optional[StepLog] = None, progress: bool = False):
+             s_noise: float = 1.0, log: Optional[StepLog] = None, progress: bool = False) -> Any:
     """EDM sampler (Heun or Euler, optional churn) for ``D = denoise(x, sigma)``; VE form.
 
     ``sigmas`` ends with 0; the churn noise comes from ``noise`` (one draw per churned step).
@@ -169,16 +170,17 @@ def _shape(x):
 
 
 # ------------------------------------------------------------------ plaintext samplers
-def _initial_noise(noise: Noise, shape, sigma0: float) -> torch.Tensor:
+def _initial_noise(noise: Noise, shape: Sequence[int], sigma0: float) -> torch.Tensor:
     # drawn in float64, then rounded: the plaintext samplers' draws since their first release
     # (kept so a seed gives the same images as before)
     return noise._randn(shape, torch.float64).float() * float(sigma0)
 
 
 @torch.no_grad()
-def sample_euler(denoise: DenoiseFn, shape, labels: Optional[torch.Tensor] = None,
+def sample_euler(denoise: DenoiseFn, shape: Sequence[int], labels: Optional[torch.Tensor] = None,
                  sigmas: Optional[torch.Tensor] = None, num_steps: int = 50,
-                 generator: Optional[torch.Generator] = None, device="cpu",
+                 generator: Optional[torch.Generator] = None,
+                 device: Union[str, torch.device] = "cpu",
                  x: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Deterministic Euler / DDIM sampling along ``sigmas`` (default: EDM schedule)."""
     sigmas = edm_sigmas(num_steps) if sigmas is None else sigmas
@@ -189,11 +191,12 @@ def sample_euler(denoise: DenoiseFn, shape, labels: Optional[torch.Tensor] = Non
 
 
 @torch.no_grad()
-def sample_edm(denoise: DenoiseFn, shape, labels: Optional[torch.Tensor] = None,
+def sample_edm(denoise: DenoiseFn, shape: Sequence[int], labels: Optional[torch.Tensor] = None,
                num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
                rho: float = 7.0, s_churn: float = 0.0, s_min: float = 0.0,
                s_max: float = float("inf"), s_noise: float = 1.0,
-               generator: Optional[torch.Generator] = None, device="cpu",
+               generator: Optional[torch.Generator] = None,
+               device: Union[str, torch.device] = "cpu",
                x: Optional[torch.Tensor] = None) -> torch.Tensor:
     """EDM's stochastic sampler (Heun, churn): ``s_churn = 0`` gives the deterministic Heun ODE."""
     sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
@@ -204,9 +207,10 @@ def sample_edm(denoise: DenoiseFn, shape, labels: Optional[torch.Tensor] = None,
                     s_churn=s_churn, s_min=s_min, s_max=s_max, s_noise=s_noise)
 
 
-def sample(denoiser: torch.nn.Module, labels=None, num_samples: Optional[int] = None,
-           method: str = "edm", num_steps: int = 18, guidance: float = 1.0,
-           generator: Optional[torch.Generator] = None, shape=None, **kw) -> torch.Tensor:
+def sample(denoiser: torch.nn.Module, labels: Optional[Sequence[int]] = None,
+           num_samples: Optional[int] = None, method: str = "edm", num_steps: int = 18,
+           guidance: float = 1.0, generator: Optional[torch.Generator] = None,
+           shape: Optional[Tuple[int, ...]] = None, **kw) -> torch.Tensor:
     """Images in [-1, 1] from a ``Denoiser``: ``method`` "edm" (Heun + churn), "euler", "ddim".
 
     ``labels`` (one image each) or ``num_samples``; ``shape`` defaults to the model's image shape.

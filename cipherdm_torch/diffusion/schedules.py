@@ -17,7 +17,7 @@ timestep, prediction type, eta and clipping setting supported here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 
 __all__ = ["AffineStep", "affine_step", "apply_step", "public_clamp"]
@@ -47,7 +47,7 @@ def _x0_and_eps(prediction_type: str, a_t: float):
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def affine_step(scheduler, timestep: int, eta: float = 0.0) -> AffineStep:
+def affine_step(scheduler: Any, timestep: int, eta: float = 0.0) -> AffineStep:
     """Coefficients of ``scheduler.step`` at ``timestep`` (DDPMScheduler or DDIMScheduler).
 
     ``set_timesteps`` must have been called on the scheduler, as for diffusers' own loop.
@@ -88,13 +88,13 @@ def affine_step(scheduler, timestep: int, eta: float = 0.0) -> AffineStep:
     raise NotImplementedError(f"{name} is not supported; use DDPMScheduler or DDIMScheduler")
 
 
-def public_clamp(x, r: float):
+def public_clamp(x: Any, r: float) -> Any:
     """clamp(x, -r, r) with ReLU only: works on torch tensors and on secret shares (2 comparisons)."""
     return x - (x - r).relu() + (-r - x).relu()
 
 
-def apply_step(step: AffineStep, sample, model_output, noise=None,
-               clamp: Callable = public_clamp):
+def apply_step(step: AffineStep, sample: Any, model_output: Any, noise: Any = None,
+               clamp: Callable = public_clamp) -> Any:
     """One scheduler step from public coefficients; ``noise`` is required iff ``noise_std > 0``."""
     if step.clip is None:  # fold x0 into the step: two public products instead of four
         prev = (sample * (step.c_x0 * step.x0_from_sample + step.c_sample)

@@ -18,8 +18,9 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from cipherdm_torch.data import from_uint8
+from cipherdm_torch.data import ImageDataset, from_uint8
 
 __all__ = ["LogReg", "MLP", "SmallCNN", "CLASSIFIERS", "make_classifier", "train_classifier",
            "accuracy", "downstream_accuracies"]
@@ -32,7 +33,7 @@ class LogReg(nn.Module):
         super().__init__()
         self.fc = nn.Linear(math.prod(shape), num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
 
 
@@ -44,7 +45,7 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(math.prod(shape), hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
@@ -65,12 +66,12 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(2 * width * (h // 4) * (w // 4), feat_dim)
         self.head = nn.Linear(feat_dim, num_classes)
 
-    def features(self, x):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         return F.relu(self.fc(x.flatten(1)))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
@@ -84,7 +85,7 @@ def make_classifier(kind: str, shape: Sequence[int], num_classes: int = 10) -> n
 
 
 def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int = 5,
-                     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, device="cpu",
+                     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, device: str = "cpu",
                      progress: Optional[str] = None) -> nn.Module:
     """Adam on cross-entropy, shuffled mini-batches; images uint8 or float in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +96,6 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     steps = epochs * math.ceil(n / batch_size)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc=progress, unit="step", leave=False)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
@@ -116,7 +116,7 @@ def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
-             device="cpu") -> float:
+             device: str = "cpu") -> float:
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
@@ -125,9 +125,10 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return correct / max(len(images), 1)
 
 
-def downstream_accuracies(images: torch.Tensor, labels: torch.Tensor, test, kinds: Iterable[str] = ("logreg", "mlp", "cnn"),
-                          epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-                          device="cpu", progress: bool = True) -> Dict[str, dict]:
+def downstream_accuracies(images: torch.Tensor, labels: torch.Tensor, test: ImageDataset,
+                          kinds: Iterable[str] = ("logreg", "mlp", "cnn"), epochs: int = 5,
+                          batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                          device: str = "cpu", progress: bool = True) -> Dict[str, dict]:
     """Train each classifier kind on (images, labels); accuracy on the real ``test`` ImageDataset.
 
     Returns ``{kind: {"accuracy": float, "seconds": float}}``.

@@ -23,10 +23,16 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from cipherdm_torch.data import ImageDataset, load_dataset, to_uint8
 from cipherdm_torch.diffusion.denoiser import load_denoiser
 from cipherdm_torch.diffusion.sampling import sample
+from cipherdm_torch.errors import UserError
+from cipherdm_torch.evaluation.classifiers import downstream_accuracies
+from cipherdm_torch.evaluation.feature_net import load_feature_net
+from cipherdm_torch.evaluation.fid import feature_stats, fid_from_features, reference_stats
+from cipherdm_torch.evaluation.inception import InceptionFeatures, inception_available
 from cipherdm_torch.training.ledger import read_ledger
 from cipherdm_torch.training.trainer import resolve_checkpoint
 
@@ -46,8 +52,6 @@ def load_generated(path: str, num_classes: Optional[int] = None) -> ImageDataset
                 return load_generated(os.path.join(path, name), num_classes)
         ds = load_dataset(path, "train")
     else:
-        from cipherdm_torch.errors import UserError
-
         if not os.path.isfile(path):
             raise UserError(f"{path} does not exist (give a .pt / .npz of images and labels, a "
                             f"folder of images, or a checkpoint folder)")
@@ -112,7 +116,6 @@ def sample_checkpoint(folder: str, per_class: int = 100, method: str = "edm", nu
     out = []
     it = range(0, len(labels), batch_size)
     if progress:
-        from tqdm.auto import tqdm
         it = tqdm(it, desc=f"sample ({method}, {num_steps} steps)", unit="batch")
     for i in it:
         x = sample(den, labels[i:i + batch_size], method=method, num_steps=num_steps,
@@ -162,8 +165,6 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
     classifiers = list(classifiers)
     if classifiers:
         t0 = time.perf_counter()
-        from cipherdm_torch.evaluation.classifiers import downstream_accuracies
-
         downstream = downstream_accuracies(generated.images, generated.labels, test, kinds=classifiers,
                                            epochs=epochs, seed=seed, device=device, progress=progress)
         acc = {k: v["accuracy"] for k, v in downstream.items()}
@@ -171,11 +172,7 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
         report["classifier_epochs"] = epochs
         report["seconds"]["classifiers"] = round(time.perf_counter() - t0, 1)
 
-    from cipherdm_torch.evaluation.fid import feature_stats, fid_from_features, reference_stats
-
     if fid_classifier:
-        from cipherdm_torch.evaluation.feature_net import load_feature_net
-
         t0 = time.perf_counter()
         net = load_feature_net(data, train, progress=progress).to(device)
         dev_fn = lambda x: net(x.to(device))  # noqa: E731
@@ -185,8 +182,6 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
         report["fid_classifier_net"] = {"id": net.extractor_id,
                                         "test_accuracy": net.meta.get("test_accuracy")}
         report["seconds"]["fid_classifier"] = round(time.perf_counter() - t0, 1)
-
-    from cipherdm_torch.evaluation.inception import InceptionFeatures, inception_available
 
     run_inc = inception if inception is not None else (inception_available() and device != "cpu")
     if run_inc:

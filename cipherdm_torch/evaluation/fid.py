@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cipherdm_torch.data import from_uint8
+from cipherdm_torch.data import ImageDataset, from_uint8
 from cipherdm_torch.files import atomic_write_bytes
 
 __all__ = [
@@ -47,7 +47,7 @@ class FeatureStats:
     n: int
 
     @classmethod
-    def from_features(cls, feats) -> "FeatureStats":
+    def from_features(cls, feats: np.ndarray) -> "FeatureStats":
         f = np.asarray(feats, dtype=np.float64)
         if f.ndim != 2 or len(f) < 2:
             raise ValueError(f"need (N >= 2, D) features, got shape {f.shape}")
@@ -70,7 +70,8 @@ def _psd_sqrt(a: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray,
+                     cov2: np.ndarray) -> float:
     """Squared Fréchet (2-Wasserstein) distance between N(mu1, cov1) and N(mu2, cov2)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
@@ -106,8 +107,9 @@ def cache_dir() -> str:
     return os.path.join(d, "fid_stats")
 
 
-def reference_stats(extract: FeatureFn, extractor_id: str, dataset, batch_size: int = 256,
-                    cache: bool = True, progress: bool = True) -> FeatureStats:
+def reference_stats(extract: FeatureFn, extractor_id: str, dataset: ImageDataset,
+                    batch_size: int = 256, cache: bool = True,
+                    progress: bool = True) -> FeatureStats:
     """Statistics of a reference ``ImageDataset`` (e.g. the training set), cached on disk.
 
     The cache key is ``extractor_id`` plus the data set's sha256 fingerprint, so a different

@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from typing import Optional
+import warnings
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def _sha1(path: str) -> str:
     return h.hexdigest()
 
 
-def legacy_bilinear_resize(x: torch.Tensor, size=(299, 299)) -> torch.Tensor:
+def legacy_bilinear_resize(x: torch.Tensor, size: Tuple[int, int] = (299, 299)) -> torch.Tensor:
     """Bilinear resize with TF1's ``resize_bilinear`` (align_corners=False) sampling grid.
 
     Destination pixel i reads source coordinate ``i * in / out`` (not the half-pixel centred
@@ -97,8 +98,6 @@ class InceptionFeatures(torch.nn.Module):
                 "to the TorchScript file")
         if check_sha1 and _sha1(path) != INCEPTION_SHA1:
             raise InceptionMissing(f"{path}: sha1 differs from the FID InceptionV3 file {INCEPTION_SHA1}")
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation notice
             self.net = torch.jit.load(path, map_location="cpu")
