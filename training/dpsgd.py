@@ -117,7 +117,7 @@ class DPSGDEngine:
         self.pixel_reduction = pixel_reduction
         self._hooks = []
         if grad_sample_mode == "hooks":
-            # Opacus' conv sampler assumes contiguous NCHW inputs (see module docstring of unet.py).
+            # Opacus' conv sampler assumes contiguous NCHW inputs (diffusion/backbones.py, notes).
             for m in denoiser.modules():
                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                     self._hooks.append(m.register_forward_pre_hook(_contiguous_pre_hook))

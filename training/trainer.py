@@ -69,7 +69,7 @@ class TrainConfig:
     model_channels: int = 32
     channel_mult: Sequence[int] = (1, 2, 2)
     num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = (7,)  # own UNet; diffusers: attention on the last level
+    attn_resolutions: Sequence[int] = (7,)  # DDPMppUNet; diffusers: attention on the last level
     num_heads: int = 1
     dropout: float = 0.1
     class_conditional: bool = True
