@@ -6,7 +6,9 @@ import cipherdm_torch  # noqa: F401
 import crypten
 import crypten.mpc
 
-from cipherdm_torch.protocols.replicated import backend as rss_backend, compare as rss_compare
+from cipherdm_torch.protocols import sharewise
+from cipherdm_torch.protocols.replicated import arith as rss_arith, backend as rss_backend, \
+    compare as rss_compare
 
 
 
@@ -134,3 +136,55 @@ def test_local_ops_keep_the_replica_on_every_party(parties):
               "div_of_transposed": (m2.t() / 2).reshape(-1), "unbind": m2[3]}
     for name, ref in expect.items():
         torch.testing.assert_close(out[name][1], ref ** 2, atol=1e-3, rtol=0, msg=name)
+
+
+def _compiler_local_ops_body(x):
+    """The compiler's share-wise ops (ops.local, split, cat) reach the replica through the
+    observer install() registers; without it the next product re-shares."""
+    from cipherdm_torch import CostMeter
+    from cipherdm_torch.compiler import ops
+
+    aten = torch.ops.aten
+    out = {}
+    with rss_backend.replicated_backend():
+        a = crypten.cryptensor(x.view(8, 8)) * 1.0  # truncated: replicated
+        makers = (("local", lambda: ops.local(a, lambda s: s.t().reshape(-1))),
+                  ("split", lambda: ops.lookup(aten.split.Tensor).fn(a, 4, 1)[1]),
+                  ("cat", lambda: ops.lookup(aten.cat.default).fn([a, a * 1.0], 0)))
+        for observed in (True, False):
+            if not observed:
+                sharewise.remove_local_op_observer(rss_arith.carry_local_op)
+            try:
+                for name, make in makers:
+                    t = make()
+                    with CostMeter() as m:
+                        y = t * t
+                    out[name, observed] = (m.total.bytes_sent / t.numel(), _plain(y))
+            finally:
+                sharewise.on_local_op(rss_arith.carry_local_op)
+    return out
+
+
+def test_compiler_local_ops_keep_the_replica_through_the_observer(parties):
+    x = torch.linspace(-3, 3, 64)
+    m2 = x.view(8, 8)
+    results = parties.run(_compiler_local_ops_body, x, timeout=120)
+    expect = {"local": m2.t().reshape(-1), "split": m2.split(4, 1)[1], "cat": torch.cat([m2, m2])}
+    for name, ref in expect.items():
+        # exact truncation only (16 B, 32 B from the helper); re-share + truncation without
+        assert sorted(r[name, True][0] for r in results) == [16, 16, 32], name
+        assert sorted(r[name, False][0] for r in results) == [24, 24, 40], name
+        for observed in (True, False):
+            torch.testing.assert_close(results[0][name, observed][1], ref ** 2, atol=1e-3, rtol=0)
+
+
+def test_install_registers_the_share_wise_observer_and_uninstall_removes_it():
+    was_installed = bool(rss_backend._SAVED)
+    rss_backend.install()
+    try:
+        assert rss_arith.carry_local_op in sharewise.observers()
+        rss_backend.uninstall()
+        assert rss_arith.carry_local_op not in sharewise.observers()
+    finally:
+        if was_installed:
+            rss_backend.install()

@@ -18,9 +18,10 @@ between parties: before issue 13 a view inherited its base's replica only when t
 base was contiguous, and a truncation output was contiguous on party 2 only, so
 party 2 skipped a re-share the others made and gloo aborted). Replicas are attached
 only by code that runs identically on all parties: the protocols here (truncation,
-re-share), and the share-wise wrappers of :mod:`.rss_backend` / ``cipherdm_torch.compiler.ops``
-(view, index, permute, stack, cat, add, sub, negation, integer multiple, ...), which
-attach one exactly when every input had one, on every party, and check only shapes.
+re-share), the share-wise wrappers of :mod:`.backend` (view, index, permute, stack, cat,
+add, sub, negation, integer multiple, ...) and :func:`carry_local_op` (the compiler's
+share-wise ops, reported through :mod:`cipherdm_torch.protocols.sharewise`), which attach one
+exactly when every input had one, on every party, and check only shapes.
 The only share edits CrypTen makes on one party alone (party 0 adding a public value
 in place: ``add_`` / ``sub_`` / ``index_add_`` / ``scatter_add_``) are wrapped to
 re-attach (add / sub) or drop (the others) the replica on every party. So by
@@ -101,7 +102,8 @@ from cipherdm_torch.mpc import prg
 from cipherdm_torch.protocols import config
 
 __all__ = [
-    "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "replicate",
+    "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "carry_local_op",
+    "replicate",
     "replicate_many", "local_product", "truncate_shares", "reshare_output", "transcript",
     "mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "square",
     "truncate", "udiv",
@@ -218,6 +220,19 @@ def forget(share: torch.Tensor) -> torch.Tensor:
     if getattr(share, _CACHE_ATTR, None) is not None:
         setattr(share, _CACHE_ATTR, None)
     return share
+
+
+def carry_local_op(sources: Sequence[torch.Tensor], result: torch.Tensor,
+                   op: Callable[[Sequence[torch.Tensor]], torch.Tensor]) -> None:
+    """Observer of the compiler's share-wise ops (:mod:`cipherdm_torch.protocols.sharewise`,
+    registered by :func:`.backend.install`): ``result = op(sources)`` ran on this party's
+    shares; give ``result`` the replica ``op(replicas)`` when every source has one and the
+    shapes agree (the replica rule: the same decision on every party)."""
+    reps = [cached_next(s) for s in sources]
+    if reps and all(r is not None for r in reps):
+        rep = op(reps)
+        if rep.shape == result.shape:
+            remember(result, rep)
 
 
 def replicate_many(shares: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -55,6 +55,7 @@ from crypten.common.tensor_types import is_tensor
 import torch
 from crypten.encoder import FixedPointEncoder
 
+from cipherdm_torch.protocols import sharewise
 from cipherdm_torch.protocols.replicated import arith as rss_arith, binary as rss_binary, compare as rss_compare
 
 __all__ = ["NAME", "install", "uninstall", "is_active", "enable", "disable", "replicated_backend"]
@@ -276,6 +277,7 @@ def install() -> None:
         _patch(ArithmeticSharedTensor, name, _sharewise(name))
     for name in _RANK0_INPLACE:
         _patch(ArithmeticSharedTensor, name, _rank0_inplace(name))
+    sharewise.on_local_op(rss_arith.carry_local_op)  # the compiler's share-wise ops carry replicas
 
 
 def uninstall() -> None:
@@ -290,6 +292,7 @@ def uninstall() -> None:
             setattr(owner, name, raw)
     _SAVED.clear()
     _ORIG.clear()
+    sharewise.remove_local_op_observer(rss_arith.carry_local_op)
 
 
 def enable() -> None:

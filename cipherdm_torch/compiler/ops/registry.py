@@ -32,7 +32,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from cipherdm_torch.mpc.crypten_compat import crypten
-from cipherdm_torch.protocols import functions
+from cipherdm_torch.protocols import functions, sharewise
 
 __all__ = ["OpImpl", "REGISTRY", "register", "lookup", "supported_ops", "is_secret", "any_secret",
            "lift", "local", "nonlinear", "wrap"]
@@ -86,26 +86,16 @@ def lift(x):
 
 
 def local(x, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """Apply a share-wise linear op (view, permute, index, ...) to every share locally."""
-    share = fn(x.share)
-    _carry_replica([x.share], share, lambda reps: fn(reps[0]))
-    return wrap(x, share)
+    """Apply a share-wise linear op (view, permute, index, ...) to every share locally.
 
-
-def _carry_replica(sources, result, fn) -> None:
-    """Under the replicated backend, apply the same local op to the cached replica shares.
-
-    (Otherwise the next multiplication would re-share a tensor each party could derive.)
+    The op is reported to the backend's share-wise observers
+    (:func:`cipherdm_torch.protocols.sharewise.notify_local_op`), which apply it to whatever
+    they keep per share (the replicated backend: the cached replica, so the next
+    multiplication need not re-share a tensor each party can derive).
     """
-    try:
-        from cipherdm_torch.protocols.replicated import arith as rss_arith  # type: ignore
-    except ImportError:
-        return
-    reps = [rss_arith.cached_next(s) for s in sources]
-    if reps and all(r is not None for r in reps):
-        rep = fn(reps)
-        if rep.shape == result.shape:
-            rss_arith.remember(result, rep)
+    share = fn(x.share)
+    sharewise.notify_local_op([x.share], share, lambda shares: fn(shares[0]))
+    return wrap(x, share)
 
 
 def wrap(template, share: torch.Tensor):

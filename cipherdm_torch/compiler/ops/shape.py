@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 
-from .registry import _carry_replica, lift, local, register, wrap
+from cipherdm_torch.protocols import sharewise
+
+from .registry import lift, local, register, wrap
 
 aten = torch.ops.aten
 
@@ -70,7 +72,8 @@ def _split_op(aten_op):
         # apply to the share once, then wrap each piece
         pieces = aten_op(x.share, *args, **kwargs)
         for k, p in enumerate(pieces):
-            _carry_replica([x.share], p, lambda reps, k=k: aten_op(reps[0], *args, **kwargs)[k])
+            sharewise.notify_local_op([x.share], p,
+                                      lambda shares, k=k: aten_op(shares[0], *args, **kwargs)[k])
         return [wrap(x, p) for p in pieces]
     return run
 
@@ -86,7 +89,8 @@ def _join_op(aten_op):
         template = tensors[0]
         # rescale public pieces lifted with a different encoder (never the case with defaults)
         share = aten_op([t.share for t in tensors], *args, **kwargs)
-        _carry_replica([t.share for t in tensors], share, lambda reps: aten_op(reps, *args, **kwargs))
+        sharewise.notify_local_op([t.share for t in tensors], share,
+                                  lambda shares: aten_op(shares, *args, **kwargs))
         return wrap(template, share)
     return run
 
