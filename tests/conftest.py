@@ -18,7 +18,9 @@ import pytest
 from cipherdm_torch import PartyPool
 
 
-# Every multi-party call is bounded: a deadlock fails this fast instead of hanging CI.
+# Every multi-party call is bounded: a deadlock fails this fast instead of hanging CI. A party
+# that stops responding (no message, no heartbeat) is named sooner, after the pool's
+# hang_timeout ($CIPHERDM_HANG_TIMEOUT, default 60 s).
 DEFAULT_PARTY_TIMEOUT = float(os.environ.get("CIPHERDM_TEST_PARTY_TIMEOUT", 900))
 
 
@@ -30,8 +32,10 @@ class _BoundedPool(PartyPool):
 @pytest.fixture(scope="session")
 def parties():
     """Three long-lived parties (secure links, CrypTen initialised, communicator metered);
-    every ``run`` has a timeout (``DEFAULT_PARTY_TIMEOUT`` unless the test passes one)."""
-    pool = _BoundedPool(world_size=3, threads=1)
+    every ``run`` has a timeout (``DEFAULT_PARTY_TIMEOUT`` unless the test passes one). The
+    start-up gets the same bound: on a loaded machine it can take minutes, and no test
+    measures it."""
+    pool = _BoundedPool(world_size=3, threads=1, start_timeout=DEFAULT_PARTY_TIMEOUT)
     with pool:
         yield pool
 

@@ -6,6 +6,7 @@ proxy sits on the link between party 1 and party 0 where a test needs the wire.
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from scipy.stats import chisquare
 
 from cipherdm_torch.mpc import identity
-from cipherdm_torch.mpc.channel import ChannelError, Mesh, wire_bytes
+from cipherdm_torch.mpc.channel import ChannelError, Mesh, PeerHungError, wire_bytes
 from cipherdm_torch.mpc.prg import KeyStream
 
 
@@ -76,10 +77,11 @@ def _connect_all(meshes, addresses_of, timeout):
     return errors
 
 
-def _meshes(folder, proxy_factory=None, timeout=30.0):
+def _meshes(folder, proxy_factory=None, timeout=30.0, hang_timeout=None):
     """Three connected meshes; party 1 reaches party 0 through ``proxy_factory(address)``."""
     identity.create(str(folder))
-    meshes = [Mesh(identity.load(str(folder), r, 3), timeout=timeout) for r in range(3)]
+    meshes = [Mesh(identity.load(str(folder), r, 3), timeout=timeout, hang_timeout=hang_timeout)
+              for r in range(3)]
     addresses = [m.listen() for m in meshes]
     proxy = proxy_factory(addresses[0]) if proxy_factory else None
 
@@ -223,7 +225,8 @@ def test_replayed_record_is_rejected(tmp_path):
 
 
 def test_wire_holds_no_plaintext_and_costs_what_we_report(tmp_path):
-    meshes, proxy = _meshes(tmp_path / "keys", lambda a: Proxy(a))
+    # no heartbeat within the test (every 900 s): the wire is messages only (see the next test)
+    meshes, proxy = _meshes(tmp_path / "keys", lambda a: Proxy(a), hang_timeout=3600)
     try:
         before = len(proxy.up)
         secret = (torch.arange(1, 30_001, dtype=torch.long) * 7919) << 16  # distinctive values
@@ -240,8 +243,135 @@ def test_wire_holds_no_plaintext_and_costs_what_we_report(tmp_path):
             assert secret[k:k + 2].numpy().tobytes() not in wire
         assert (torch.full((2,), 42 << 16).numpy().tobytes()) not in wire
         expected = sum(wire_bytes(s) for s in sizes)
+        assert meshes[1].links[0].heartbeats_sent == 0
         assert len(proxy.up) - before == expected, (len(proxy.up) - before, expected)
         assert expected <= 1.05 * sum(sizes) + 4 * 200
+        stats = meshes[1].stats()
+        assert stats["payload_sent"] == sum(sizes) and stats["messages_sent"] == len(sizes)
+    finally:
+        _close(meshes)
+
+
+# ---------------------------------------------------------------- liveness (heartbeats)
+
+def _mute(link):
+    """This link stops sending heartbeats (as if its process were stopped)."""
+    link._beat = lambda: setattr(link, "_last_tx", time.monotonic())
+
+
+def test_heartbeats_carry_no_payload_and_are_counted_apart(tmp_path):
+    # hang_timeout 4 s: a heartbeat every 1 s while the link is idle
+    meshes, proxy = _meshes(tmp_path / "keys", lambda a: Proxy(a), hang_timeout=4)
+    try:
+        link, back = meshes[1].links[0], meshes[0].links[1]
+        x = torch.arange(1000, dtype=torch.long)
+        meshes[1].isend(x, 0)
+        meshes[0].recv(torch.empty_like(x), 1)
+        # a quiet point: the last write was that message (the next heartbeat is 1 s away)
+        before, beats0, got0, stats0 = (len(proxy.up), link.heartbeats_sent,
+                                        back.heartbeats_received, meshes[1].stats())
+        time.sleep(4.5)  # idle: about 4 heartbeats
+        y = torch.arange(10, dtype=torch.long)
+        meshes[1].isend(y, 0)
+        assert torch.equal(meshes[0].recv(torch.empty_like(y), 1), y)  # reads past the beats
+        after, beats1, got1, stats1 = (len(proxy.up), link.heartbeats_sent,
+                                       back.heartbeats_received, meshes[1].stats())
+        beats = beats1 - beats0
+        assert beats >= 2, beats
+        assert got1 - got0 == beats  # every heartbeat read, none taken for a message
+        assert after - before == wire_bytes(y.numel() * 8) + beats * wire_bytes(0)
+        # messages only in payload / wire / message counts; heartbeats apart
+        assert stats1["payload_sent"] - stats0["payload_sent"] == 80
+        assert stats1["wire_sent"] - stats0["wire_sent"] == wire_bytes(80)
+        assert stats1["messages_sent"] - stats0["messages_sent"] == 1
+        all_beats = stats1["heartbeats_sent"] - stats0["heartbeats_sent"]  # to parties 0 and 2
+        assert all_beats >= beats
+        assert stats1["heartbeat_wire"] - stats0["heartbeat_wire"] == all_beats * wire_bytes(0)
+    finally:
+        _close(meshes)
+
+
+def test_silent_peer_is_named_within_the_hang_timeout(tmp_path):
+    meshes, _ = _meshes(tmp_path / "keys", hang_timeout=2)
+    try:
+        _mute(meshes[1].links[0])
+        t0 = time.monotonic()
+        with pytest.raises(PeerHungError, match="party 1 is not responding") as err:
+            meshes[0].recv(torch.empty(4, dtype=torch.long), 1)
+        took = time.monotonic() - t0
+        assert (err.value.rank, err.value.peer) == (0, 1)
+        assert 2 <= took < 2 + 10, took
+    finally:
+        _close(meshes)
+
+
+def test_a_peer_that_beats_is_waited_for_beyond_the_hang_timeout(tmp_path):
+    meshes, _ = _meshes(tmp_path / "keys", hang_timeout=2)
+    try:
+        x = torch.arange(8, dtype=torch.long)
+        box = {}
+
+        def receive():
+            try:
+                box["got"] = meshes[0].recv(torch.empty_like(x), 1)
+            except BaseException as exc:
+                box["error"] = exc
+        t = threading.Thread(target=receive)
+        t.start()
+        time.sleep(7)  # 3.5 x hang_timeout of "computing" at party 1: its heartbeats go on
+        meshes[1].isend(x, 0)
+        t.join(30)
+        assert "error" not in box, box.get("error")
+        assert torch.equal(box["got"], x)
+        assert meshes[0].links[1].heartbeats_received >= 3
+    finally:
+        _close(meshes)
+
+
+def test_a_peer_that_beats_but_sends_no_data_hits_the_link_timeout(tmp_path):
+    meshes, _ = _meshes(tmp_path / "keys", timeout=3, hang_timeout=2)
+    try:
+        with pytest.raises(ChannelError, match="alive, its heartbeats arrive") as err:
+            meshes[0].recv(torch.empty(4, dtype=torch.long), 1)
+        assert not isinstance(err.value, PeerHungError)
+    finally:
+        _close(meshes)
+
+
+def test_a_send_stuck_on_a_silent_peer_is_named(tmp_path):
+    meshes, _ = _meshes(tmp_path / "keys", hang_timeout=2)
+    try:
+        big = torch.zeros(8 << 20, dtype=torch.long)  # 64 MB: far beyond the socket buffers
+        _mute(meshes[0].links[1])  # party 0 neither reads nor beats
+        t0 = time.monotonic()
+        with pytest.raises(PeerHungError, match="party 0 is not responding") as err:
+            meshes[1].send(big, 0)
+        assert (err.value.rank, err.value.peer) == (1, 0)
+        assert time.monotonic() - t0 < 2 + 10
+    finally:
+        _close(meshes)
+
+
+def test_a_send_to_a_busy_peer_that_beats_waits(tmp_path):
+    meshes, _ = _meshes(tmp_path / "keys", hang_timeout=2)
+    try:
+        big = torch.arange(8 << 20, dtype=torch.long)
+        box = {}
+
+        def send():
+            try:
+                meshes[1].send(big, 0)
+                box["sent"] = time.monotonic()
+            except BaseException as exc:
+                box["error"] = exc
+        t = threading.Thread(target=send)
+        t.start()
+        time.sleep(7)  # party 0 computes without reading; it beats, party 1 waits on
+        assert "error" not in box, box.get("error")
+        got = meshes[0].recv(torch.empty_like(big), 1)
+        t.join(60)
+        assert "error" not in box, box.get("error")
+        assert torch.equal(got, big)
     finally:
         _close(meshes)
 

@@ -62,15 +62,20 @@ def configure(ap: argparse.ArgumentParser) -> None:
 
 def add_timeout_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
-                    help="how long a party waits on a link before it reports the peer as hung "
-                         "(a ChannelError naming the link); default: $CIPHERDM_LINK_TIMEOUT or "
-                         "900 s")
+                    help="name a hung party within about this many seconds: a party that sends "
+                         "nothing, not even a heartbeat (one every SECONDS/4), for that long "
+                         "while another waits on it (stopped, frozen, cut off) stops the run "
+                         "with an error naming its rank and role; a party that is only "
+                         "computing keeps beating and is never reported. Default: "
+                         "$CIPHERDM_HANG_TIMEOUT or 60 s ($CIPHERDM_LINK_TIMEOUT, default 900 s, "
+                         "bounds a wait on a party that beats but sends no data)")
 
 
 def apply_timeout(seconds: Optional[float]) -> None:
-    """Hand a user-set link timeout to the party processes (read when they set up their links)."""
+    """Hand a user-set hang timeout to the launcher and the party processes
+    (``launch`` / ``PartyPool`` read ``$CIPHERDM_HANG_TIMEOUT`` when none is passed)."""
     if seconds is not None:
-        os.environ["CIPHERDM_LINK_TIMEOUT"] = repr(float(seconds))
+        os.environ["CIPHERDM_HANG_TIMEOUT"] = repr(float(seconds))
 
 
 def parse_labels(text: str, num_classes: int) -> List[int]:

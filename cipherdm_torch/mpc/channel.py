@@ -23,6 +23,24 @@ they come from an authenticated key exchange and never travel in the clear.
 Threads: each link has one sender thread (so two parties sending large messages to each
 other cannot deadlock on full socket buffers); receives are read in the caller's thread
 in the order they were posted.
+
+Liveness (a stopped or frozen party is named in bounded time): while a link has nothing to
+send, its sender thread sends a heartbeat frame (a 68-byte header with magic ``CDMB`` and no
+payload) every ``hang_timeout / 4`` seconds. The sender thread runs beside the computation
+(torch releases the GIL in its kernels), so a party busy with a long local computation keeps
+beating; a stopped (SIGSTOP), frozen or cut-off one does not. A party waiting on a link (for
+a message, or for a large send to drain) that hears nothing at all from the peer, neither
+data nor heartbeat, for ``hang_timeout`` seconds raises :class:`PeerHungError` naming the
+peer. ``hang_timeout`` comes from :class:`Mesh` (default ``$CIPHERDM_HANG_TIMEOUT`` or 60 s;
+``launch(..., hang_timeout=)`` and ``cipherdm sample --timeout`` set it). Heartbeats take no
+message number and carry no payload: the cost meter (payload, rounds) never sees them and
+:func:`wire_bytes` / ``Mesh.stats()["wire_sent"]`` count messages only; heartbeat traffic is
+reported apart (``heartbeats_sent``, ``heartbeat_wire``; :func:`wire_bytes` of 0 each). A
+heartbeat is skipped while the peer's receive buffer is full (the peer is not reading), so an
+idle link never blocks on heartbeats. Separately, a receive that gets heartbeats but no data
+for ``timeout`` seconds (``$CIPHERDM_LINK_TIMEOUT``, default 900 s) raises a
+:class:`ChannelError`: the peer is alive but sends nothing (stuck, deadlocked, or computing
+for longer than that).
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import select
 import socket
 import ssl
 import struct
@@ -44,13 +63,17 @@ import torch
 from cipherdm_torch.mpc.identity import Credentials, fingerprint
 from cipherdm_torch.mpc.prg import KeyStream
 
-__all__ = ["ChannelError", "DesyncError", "Mesh", "op_label", "current_label", "HEADER",
-           "wire_bytes", "tls_record_overhead"]
+__all__ = ["ChannelError", "DesyncError", "PeerHungError", "Mesh", "op_label", "current_label",
+           "HEADER", "wire_bytes", "tls_record_overhead", "hang_timeout_from_env",
+           "DEFAULT_HANG_TIMEOUT", "DEFAULT_LINK_TIMEOUT"]
 
 HEADER = struct.Struct("<4sQQ48s")
 MAGIC = b"CDM1"
 ABORT = b"CDMX"
 HELLO = b"CDMH"
+BEAT = b"CDMB"  # heartbeat: no payload, no message number
+DEFAULT_HANG_TIMEOUT = 60.0  # s of total silence after which a peer is reported as hung
+DEFAULT_LINK_TIMEOUT = 900.0  # s a receive waits for data while the peer only beats
 TLS_RECORD = 16384  # max plaintext bytes per TLS record
 TLS_RECORD_OVERHEAD = 22  # TLS 1.3: 5-byte header + content type + 16-byte AEAD tag
 
@@ -74,6 +97,40 @@ class ChannelError(RuntimeError):
 
 class DesyncError(ChannelError):
     """The parties disagree on which message comes next (different branches taken)."""
+
+
+class PeerHungError(ChannelError):
+    """Party ``peer`` sent nothing, not even a heartbeat, for ``silent_for`` seconds while
+    party ``rank`` waited on it: it is stopped (SIGSTOP), frozen, or its link is cut."""
+
+    def __init__(self, rank: int, peer: int, silent_for: float, what: str, label: str):
+        self.rank, self.peer, self.silent_for, self.label = rank, peer, silent_for, label
+        super().__init__(
+            f"party {peer} is not responding: party {rank} heard nothing from it (no message, "
+            f"no heartbeat) for {silent_for:.0f} s during {what} at op {label!r}; the party is "
+            f"stopped, frozen or its link is cut (the bound is hang_timeout, "
+            f"$CIPHERDM_HANG_TIMEOUT)")
+
+
+def hang_timeout_from_env(default: float = DEFAULT_HANG_TIMEOUT) -> float:
+    """``$CIPHERDM_HANG_TIMEOUT`` in seconds (``default`` when unset)."""
+    text = os.environ.get("CIPHERDM_HANG_TIMEOUT", "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"CIPHERDM_HANG_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _ready(sock, write: bool = False) -> bool:
+    """Whether ``sock`` can be read (or written) without blocking, right now."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT if write else select.POLLIN)
+    return bool(poller.poll(0))
 
 
 # ---------------------------------------------------------------- operation labels
@@ -130,9 +187,20 @@ class Work:
 
 class _SendWork(Work):
     def wait(self, timeout=None):
-        if not self.done.wait(self.link.timeout):
-            raise ChannelError(f"link to party {self.link.peer}: send timed out after "
-                               f"{self.link.timeout:.0f} s at op {self.label!r}")
+        link = self.link
+        if not self.done.wait(link.poll):
+            start = time.monotonic() - link.poll
+            link.waiting = ("send", self.label, start)
+            try:
+                while not self.done.wait(link.poll):
+                    waited = time.monotonic() - start
+                    if waited > link.timeout:
+                        raise ChannelError(f"link to party {link.peer}: send timed out after "
+                                           f"{link.timeout:.0f} s at op {self.label!r}")
+                    if waited >= link.heartbeat:  # a long send: is the peer there at all?
+                        link.watch(self.label, start)
+            finally:
+                link.waiting = None
         if self.error is not None:
             raise self.error
         return True
@@ -147,17 +215,35 @@ class _RecvWork(Work):
 
 
 class Link:
-    """The TLS connection to one peer, with its sender thread and posted receives."""
+    """The TLS connection to one peer, with its sender thread and posted receives.
 
-    def __init__(self, mesh: "Mesh", peer: int, sock: ssl.SSLSocket, timeout: float):
+    ``timeout``: how long a receive waits for data (heartbeats do not count) and a send for
+    progress; ``hang_timeout``: how long the peer may be silent (no data, no heartbeat)
+    while this party waits on it before :class:`PeerHungError`.
+    """
+
+    def __init__(self, mesh: "Mesh", peer: int, sock: ssl.SSLSocket, timeout: float,
+                 hang_timeout: float = DEFAULT_HANG_TIMEOUT):
         self.mesh, self.peer, self.sock, self.timeout = mesh, peer, sock, timeout
-        sock.settimeout(timeout)
+        self.hang_timeout = hang_timeout
+        self.heartbeat = hang_timeout / 4  # seconds between heartbeats while idle
+        self.poll = min(1.0, self.heartbeat)  # socket timeout: how often waits check liveness
+        sock.settimeout(self.poll)
         self.sent_msgs = self.recv_msgs = 0
         self.payload_sent = self.wire_sent = 0
+        self.heartbeats_sent = self.heartbeats_received = 0
         self._queue: "queue.Queue" = queue.Queue()
         self._pending: "collections.deque[_RecvWork]" = collections.deque()
         self._read_lock = threading.Lock()
         self._broken: Optional[BaseException] = None
+        now = time.monotonic()
+        self._last_tx = now  # last write on the socket (heartbeats are sent when idle)
+        self._heard = now  # last byte from the peer (or the start of the current wait)
+        self._data_since = now  # last data byte (or the start of the current wait)
+        self._hdr = bytearray(HEADER.size)  # the header being read, ``_hdr_pos`` bytes so far
+        self._hdr_pos = 0
+        self._stashed: Optional[tuple] = None  # a data header read ahead by :meth:`watch`
+        self.waiting: Optional[Tuple[str, str, float]] = None  # (kind, label, since): for reports
         self._thread = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"cipherdm-send-{mesh.rank}to{peer}")
         self._thread.start()
@@ -178,17 +264,22 @@ class Link:
 
     def _send_loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(
+                    timeout=max(0.01, self._last_tx + self.heartbeat - time.monotonic()))
+            except queue.Empty:
+                self._beat()
+                continue
             if item is None:
                 return
             header, tensor, work = item
             try:
                 if self._broken is not None:
                     raise self._broken
-                self.sock.sendall(header)
                 payload = _as_bytes_view(tensor)
+                self._write(header, "send", work.label)
                 if len(payload):
-                    self.sock.sendall(payload)
+                    self._write(payload, "send", work.label)
                 self.payload_sent += len(payload)
                 self.wire_sent += wire_bytes(len(payload))
             except BaseException as exc:  # report on wait(); later sends fail the same way
@@ -197,6 +288,43 @@ class Link:
                 self._broken = err
                 work.error = err
             work.done.set()
+
+    def _write(self, data, what: str, label: str) -> None:
+        """``sendall`` that tolerates a peer that is slow to read, up to ``timeout`` seconds.
+
+        The socket times out every ``poll`` seconds; a timed-out TLS write is repeated with
+        the same bytes (OpenSSL resumes it), so no byte is lost or doubled.
+        """
+        with memoryview(data) as raw, raw.cast("B") as view:
+            pos, n = 0, len(view)
+            last = time.monotonic()
+            while pos < n:
+                try:
+                    pos += self.sock.send(view[pos:])
+                except socket.timeout:
+                    if time.monotonic() - last > self.timeout:
+                        raise ChannelError(
+                            f"link between parties {self.mesh.rank} and {self.peer}: no "
+                            f"progress for {self.timeout:.0f} s during {what} at op {label!r} "
+                            f"(party {self.peer} does not read)") from None
+                    continue
+                last = time.monotonic()
+        self._last_tx = time.monotonic()
+
+    def _beat(self) -> None:
+        """Send one heartbeat, unless the link is broken or the peer's buffers are full."""
+        self._last_tx = time.monotonic()
+        if self._broken is not None:
+            return
+        try:
+            if not _ready(self.sock, write=True):
+                return  # the peer is not reading this link: it is not waiting on us either
+            self._write(HEADER.pack(BEAT, self.heartbeats_sent, 0, bytes(48)), "a heartbeat",
+                        "")
+            self.heartbeats_sent += 1
+        except BaseException as exc:  # the peer went away: later sends report it
+            self._broken = exc if isinstance(exc, ChannelError) else self._error(
+                exc, "a heartbeat", "")
 
     def send_abort(self, message: str) -> None:
         """Tell the peer this party stopped (best effort, bounded wait).
@@ -222,39 +350,137 @@ class Link:
     def complete(self, work: _RecvWork) -> None:
         """Read posted receives in order until ``work`` is filled."""
         with self._read_lock:
-            while not work.done.is_set():
-                head = self._pending.popleft()
-                try:
-                    self._read_into(head)
-                except BaseException as exc:
-                    head.error = exc
-                    for w in self._pending:
-                        w.error = exc
-                        w.done.set()
-                    self._pending.clear()  # ``work`` was among them unless it was ``head``
-                head.done.set()
+            if work.done.is_set():
+                return
+            now = time.monotonic()
+            self._heard = self._data_since = now  # silence counts from the start of the wait
+            self.waiting = ("receive", work.label, now)
+            try:
+                while not work.done.is_set():
+                    self._complete_head()
+            finally:
+                self.waiting = None
 
-    def _read_exact(self, view: memoryview, what: str, label: str) -> None:
+    def _complete_head(self, header: Optional[tuple] = None) -> None:
+        head = self._pending.popleft()
+        try:
+            self._read_into(head, header)
+        except BaseException as exc:
+            head.error = exc
+            for w in self._pending:
+                w.error = exc
+                w.done.set()
+            self._pending.clear()  # ``work`` was among them unless it was ``head``
+        head.done.set()
+
+    def watch(self, label: str, since: float) -> None:
+        """While a send to the peer is stuck: read what the peer sent, check it is alive.
+
+        Consumes heartbeats, and a message the peer has started sending if a receive is
+        posted for it (so its heartbeats behind it can be seen), without ever waiting for a
+        message that has not begun to arrive; raises :class:`PeerHungError` after
+        ``hang_timeout`` seconds of total silence. Returns at once if another thread reads.
+        """
+        if not self._read_lock.acquire(blocking=False):
+            return
+        try:
+            while self._stashed is None or self._pending:
+                if self._stashed is not None:  # a message has begun: read it into its receive
+                    header, self._stashed = self._stashed, None
+                    self._heard = self._data_since = time.monotonic()
+                    self._complete_head(header)
+                    continue
+                if not self._readable():
+                    silent = time.monotonic() - max(self._heard, since)
+                    if silent >= self.hang_timeout:
+                        raise PeerHungError(self.mesh.rank, self.peer, silent, "a send",
+                                            label)
+                    return
+                header = self._read_header(label, blocking=False)
+                if header is not None and header[0] != BEAT:
+                    if header[0] == ABORT:
+                        self._raise_abort(header, label)
+                    self._stashed = header
+        finally:
+            self._read_lock.release()
+
+    def _readable(self) -> bool:
+        try:
+            return bool(self.sock.pending()) or _ready(self.sock)
+        except (OSError, ValueError):
+            return True  # let the read report what is wrong
+
+    def _check_alive(self, what: str, label: str) -> None:
+        """A read timed out (``poll`` s without a byte): raise if the wait has gone on too long."""
+        now = time.monotonic()
+        silent = now - self._heard
+        if silent >= self.hang_timeout and not self._readable():
+            raise PeerHungError(self.mesh.rank, self.peer, silent, what, label)
+        if now - self._data_since >= self.timeout:
+            raise ChannelError(f"link between parties {self.mesh.rank} and {self.peer}: no "
+                               f"progress for {self.timeout:.0f} s during {what} at op "
+                               f"{label!r} (party {self.peer} is alive, its heartbeats arrive, "
+                               f"but it sends no data: it is stuck or still computing)")
+
+    def _read_exact(self, view: memoryview, what: str, label: str, data: bool = True) -> None:
         pos, n = 0, len(view)
         while pos < n:
             try:
                 k = self.sock.recv_into(view[pos:], n - pos)
+            except socket.timeout:
+                self._check_alive(what, label)
+                continue
             except BaseException as exc:
                 raise self._error(exc, what, label) from exc
             if k == 0:
                 raise self._closed(what, label)
             pos += k
+            self._heard = time.monotonic()
+            if data:
+                self._data_since = self._heard
 
-    def _read_into(self, work: _RecvWork) -> None:
-        raw = bytearray(HEADER.size)
-        self._read_exact(memoryview(raw), "a message header", work.label)
-        magic, seq, nbytes, peer_label = HEADER.unpack(bytes(raw))
+    def _read_header(self, label: str, blocking: bool = True) -> Optional[tuple]:
+        """The next frame header (heartbeats included); None if not ``blocking`` and only
+        part of it has arrived (the rest is read next time)."""
+        view = memoryview(self._hdr)
+        if blocking:
+            self._read_exact(view[self._hdr_pos:], "a message header", label, data=False)
+        else:
+            while self._hdr_pos < HEADER.size:
+                if not self._readable():
+                    return None
+                try:
+                    k = self.sock.recv_into(view[self._hdr_pos:])
+                except socket.timeout:
+                    return None
+                except BaseException as exc:
+                    raise self._error(exc, "a message header", label) from exc
+                if k == 0:
+                    raise self._closed("a message header", label)
+                self._hdr_pos += k
+                self._heard = time.monotonic()
+        self._hdr_pos = 0
+        header = HEADER.unpack(bytes(self._hdr))
+        if header[0] == BEAT:
+            self.heartbeats_received += 1
+        return header
+
+    def _raise_abort(self, header: tuple, label: str) -> None:
+        msg = bytearray(header[2])
+        self._read_exact(memoryview(msg), "an abort message", label)
+        raise DesyncError(f"party {self.mesh.rank} stopped at op {label!r}: party "
+                          f"{self.peer} stopped the run ({msg.decode(errors='replace')})")
+
+    def _read_into(self, work: _RecvWork, header: Optional[tuple] = None) -> None:
+        if header is None and self._stashed is not None:
+            header, self._stashed = self._stashed, None
+        while header is None or header[0] == BEAT:
+            header = self._read_header(work.label)
+        self._data_since = time.monotonic()
+        magic, seq, nbytes, peer_label = header
         peer_label = _label_str(peer_label)
         if magic == ABORT:
-            msg = bytearray(nbytes)
-            self._read_exact(memoryview(msg), "an abort message", work.label)
-            raise DesyncError(f"party {self.mesh.rank} stopped at op {work.label!r}: party "
-                              f"{self.peer} stopped the run ({msg.decode(errors='replace')})")
+            self._raise_abort(header, work.label)
         expected = work.tensor.numel() * work.tensor.element_size()
         if magic != MAGIC:
             raise ChannelError(f"link from party {self.peer}: bad frame (magic {magic!r})")
@@ -305,9 +531,18 @@ class Link:
 class Mesh:
     """This party's authenticated links to every other party, and the pair keys."""
 
-    def __init__(self, creds: Credentials, timeout: float = 900.0):
+    def __init__(self, creds: Credentials, timeout: float = DEFAULT_LINK_TIMEOUT,
+                 hang_timeout: Optional[float] = None):
+        """``timeout``: seconds a receive waits for data while the peer sends only
+        heartbeats (and a send for progress); ``hang_timeout``: seconds of total silence
+        (no data, no heartbeat) after which a waiting party reports the peer as hung
+        (:class:`PeerHungError`); default ``$CIPHERDM_HANG_TIMEOUT`` or 60 s. Each link
+        sends a heartbeat every ``hang_timeout / 4`` seconds while it has nothing to send."""
         self.creds, self.rank, self.world_size = creds, creds.rank, creds.world_size
         self.timeout = timeout
+        self.hang_timeout = hang_timeout_from_env() if hang_timeout is None else hang_timeout
+        if not self.hang_timeout > 0:
+            raise ValueError(f"hang_timeout must be > 0 seconds, got {hang_timeout!r}")
         self.links: Dict[int, Link] = {}
         self.refused: List[str] = []  # who was turned away during set-up (for logs / tests)
         self.recorder: Optional[list] = None  # when a list: every payload sent / received
@@ -457,7 +692,7 @@ class Mesh:
         self._pair_secret[peer] = hashlib.sha256(
             b"cipherdm pair secret v1" + bytes([min(self.rank, peer), max(self.rank, peer)])
             + lo + hi).digest()
-        self.links[peer] = Link(self, peer, sock, self.timeout)
+        self.links[peer] = Link(self, peer, sock, self.timeout, self.hang_timeout)
 
     def stream_key(self, owner: int) -> bytes:
         """Key of the stream that party ``owner`` calls "next" (its successor calls it "prev")."""
@@ -509,9 +744,24 @@ class Mesh:
             self.recorder = None
 
     def stats(self) -> Dict[str, int]:
-        return {"payload_sent": sum(link.payload_sent for link in self.links.values()),
-                "wire_sent": sum(link.wire_sent for link in self.links.values()),
-                "messages_sent": sum(link.sent_msgs for link in self.links.values())}
+        """Messages only in ``payload_sent`` / ``wire_sent`` / ``messages_sent``; heartbeats
+        (which carry no payload) apart, ``wire_bytes(0)`` each."""
+        links = self.links.values()
+        beats = sum(link.heartbeats_sent for link in links)
+        return {"payload_sent": sum(link.payload_sent for link in links),
+                "wire_sent": sum(link.wire_sent for link in links),
+                "messages_sent": sum(link.sent_msgs for link in links),
+                "heartbeats_sent": beats, "heartbeat_wire": beats * wire_bytes(0)}
+
+    def waits(self) -> Dict[int, Tuple[str, str, float]]:
+        """What this party waits on now: peer -> (receive | send, op label, seconds)."""
+        now = time.monotonic()
+        out = {}
+        for peer, link in list(self.links.items()):
+            w = link.waiting
+            if w is not None:
+                out[peer] = (w[0], w[1], now - w[2])
+        return out
 
     def close(self) -> None:
         for link in self.links.values():

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from cipherdm_torch.mpc import prg
-from cipherdm_torch.mpc.channel import ChannelError, Mesh
+from cipherdm_torch.mpc.channel import DEFAULT_LINK_TIMEOUT, ChannelError, Mesh, PeerHungError
 from cipherdm_torch.mpc.identity import Credentials
 
 __all__ = ["setup", "install", "mesh", "is_secure", "patch_randomness"]
@@ -60,18 +60,24 @@ def _advertise_host() -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-def setup(creds: Credentials, timeout: float = 120.0) -> Mesh:
+def setup(creds: Credentials, timeout: float = 120.0,
+          hang_timeout: Optional[float] = None) -> Mesh:
     """Open the TLS links of this party (after ``crypten.init``) and install everything.
 
     Addresses are public and exchanged through the process group (gloo); identities are
-    checked by TLS against the pinned certificates before any share is sent.
+    checked by TLS against the pinned certificates before any share is sent. ``timeout``
+    bounds the connection set-up. ``hang_timeout``: seconds of silence (no message, no
+    heartbeat) after which a waiting party reports the peer as hung (default
+    ``$CIPHERDM_HANG_TIMEOUT`` or 60 s); a receive that gets only heartbeats fails after
+    ``$CIPHERDM_LINK_TIMEOUT`` seconds (default 900).
     """
     global _MESH
     rank, ws = dist.get_rank(), dist.get_world_size()
     if creds.rank != rank or creds.world_size != ws:
         raise ValueError(f"credentials are for party {creds.rank} of {creds.world_size}, but "
                          f"this process is rank {rank} of {ws}")
-    m = Mesh(creds, timeout=float(os.environ.get("CIPHERDM_LINK_TIMEOUT", 900)))
+    m = Mesh(creds, timeout=float(os.environ.get("CIPHERDM_LINK_TIMEOUT", DEFAULT_LINK_TIMEOUT)),
+             hang_timeout=hang_timeout)
     host = _advertise_host()
     bind = os.environ.get("CIPHERDM_BIND", host)
     _, port = m.listen(bind, int(os.environ.get("CIPHERDM_PORT", 0)))
@@ -315,4 +321,4 @@ def install(m: Mesh) -> None:
     instance._cipherdm_mesh = m
 
 
-__all__ += ["ChannelError", "teardown"]
+__all__ += ["ChannelError", "PeerHungError", "teardown"]
