@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import math
 
-
 from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols.max_tree import larger_by_sign, tree_max
 from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
-from cipherdm_torch.protocols.replicated.compare import pairwise_tree
 
 __all__ = ["exp", "softmax", "row_max", "reference_exp", "reference_softmax"]
 
@@ -55,11 +54,7 @@ def _square_and_keep(z, x, bound):
 
 def row_max(x, dim: int):
     """Max along ``dim`` (keepdim) by a pairwise tree: max(a, b) = b + [a >= b](a - b)."""
-    def larger(a, b):
-        diff = a - b
-        return b + (1 - diff._ltz()) * diff
-
-    return pairwise_tree(x, dim, larger)
+    return tree_max(x, dim, keepdim=True, combine=larger_by_sign)
 
 
 def softmax(x, dim: int):

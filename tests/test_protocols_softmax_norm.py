@@ -72,6 +72,7 @@ def test_softmax_exp_norm_three_parties(parties, protocol):
     assert (r["exp_noclip"] - xh.exp()).abs().max() < 2e-3
     # softmax on rows of 196 (target error < 0.01), rows sum to 1
     y, sent, rounds = r["softmax"]
+    print(f"softmax of 48 rows of 196 on {protocol}: party 0 sent {sent} B in {rounds} rounds")
     ref = attn.softmax(-1)
     assert (y - ref).abs().max() < 0.01
     assert (y.sum(-1) - 1).abs().max() < 0.01

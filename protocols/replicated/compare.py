@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import torch
 
-import crypten
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
+from cipherdm_torch.protocols.max_tree import tree_max
 from cipherdm_torch.protocols.replicated import arith as ra
 from cipherdm_torch.protocols.replicated import binary as rb
 
-__all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_share",
-           "pairwise_tree"]
+__all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_share"]
 
 
 def ltz_share(x: torch.Tensor) -> torch.Tensor:
@@ -88,25 +87,8 @@ def select(bit: MPCTensor, x, y) -> MPCTensor:
     return out + y
 
 
-def pairwise_tree(x, dim: int, combine):
-    """Reduce along ``dim`` (keepdim) by halves: ``combine(first half, second half)``.
-
-    ceil(log2 n) levels; an odd leftover entry is carried to the next level.
-    Backend-agnostic: ``combine`` decides which protocols run.
-    """
-    dim = dim % x.dim()
-    cur = x
-    while cur.size(dim) > 1:
-        n = cur.size(dim)
-        half = n // 2
-        best = combine(cur.narrow(dim, 0, half), cur.narrow(dim, half, half))
-        if n % 2:
-            best = crypten.cat([best, cur.narrow(dim, n - 1, 1)], dim=dim)
-        cur = best
-    return cur
-
-
 def max(x: MPCTensor, dim: int = -1, keepdim: bool = False) -> MPCTensor:
-    """Maximum along ``dim`` by a tournament tree: ceil(log2 n) rounds of compare + select."""
-    cur = pairwise_tree(x, dim, lambda a, b: select(ltz(a - b), b, a))  # a < b -> take b
-    return cur if keepdim else cur.squeeze(dim % x.dim())
+    """Maximum along ``dim`` by a tournament tree
+    (:func:`cipherdm_torch.protocols.max_tree.tree_max`): ceil(log2 n) rounds of this
+    module's compare + select, whatever the configured protocol."""
+    return tree_max(x, dim, keepdim, combine=lambda a, b: select(ltz(a - b), b, a))  # a < b: b

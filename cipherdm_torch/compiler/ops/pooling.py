@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cipherdm_torch.mpc.crypten_compat import crypten
+from cipherdm_torch.protocols import max_tree
 
 from .registry import lift, local, register
 from .shape import constant_pad
@@ -43,19 +43,6 @@ def _pair(v):
 _POOL_PAD = -(2.0 ** 12)  # stands in for -inf on padded positions (far below activations)
 
 
-def _max_tree(x, dim):
-    """Maximum along ``dim`` by halves: ceil(log2 n) batched comparisons."""
-    while x.size(dim) > 1:
-        n = x.size(dim)
-        half = n // 2
-        a, b = x.narrow(dim, 0, half), x.narrow(dim, half, half)
-        best = a + (b - a).relu()
-        if n % 2:
-            best = crypten.cat([best, x.narrow(dim, n - 1, 1)], dim=dim)
-        x = best
-    return x.squeeze(dim)
-
-
 @register(aten.max_pool2d.default, kind="pool", check=_max_pool_check)
 def _max_pool2d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     kh, kw = _pair(kernel_size)
@@ -66,4 +53,4 @@ def _max_pool2d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=Fals
         x = constant_pad(x, [pw, pw, ph, ph], _POOL_PAD)
     win = local(x, lambda s: s.unfold(-2, kh, sh).unfold(-2, kw, sw).contiguous())
     win = win.reshape(*win.size()[:-2], kh * kw)
-    return _max_tree(win, -1)
+    return max_tree.tree_max(win, -1, keepdim=False, combine=max_tree.larger_by_relu)
