@@ -12,23 +12,22 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
-from cipherdm_torch.protocols import baseline, config, normalization
+from cipherdm_torch.protocols import activations, baseline, config, exp_softmax, normalization
+from cipherdm_torch.protocols import reciprocal as magnitude  # (``reciprocal`` is a function here)
 
 __all__ = ["silu", "mish", "gelu", "geglu", "exp", "softmax", "reciprocal", "rsqrt",
            "group_norm", "layer_norm"]
 
 
+# function -> the module of its optimised protocol
+_OPTIMISED = {"silu": activations, "mish": activations, "gelu": activations,
+              "exp": exp_softmax, "softmax": exp_softmax,
+              "reciprocal": magnitude, "rsqrt": magnitude}
+
+
 def _optimised(name):
-    """The optimised implementation of ``name`` (imported lazily: modules are independent)."""
-    if name in ("silu", "mish", "gelu"):
-        from cipherdm_torch.protocols import activations as mod
-    elif name in ("exp", "softmax"):
-        from cipherdm_torch.protocols import exp_softmax as mod
-    elif name in ("reciprocal", "rsqrt"):
-        from cipherdm_torch.protocols import reciprocal as mod
-    else:
-        raise KeyError(name)
-    return getattr(mod, name)
+    """The optimised implementation of ``name``."""
+    return getattr(_OPTIMISED[name], name)
 
 
 def _impl(name):

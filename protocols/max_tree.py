@@ -10,19 +10,17 @@ level.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import crypten
-
-if TYPE_CHECKING:
-    from crypten.mpc import MPCTensor
+from crypten.mpc import MPCTensor
 
 __all__ = ["pairwise_tree", "larger_by_sign", "larger_by_relu", "tree_max"]
 
-Combine = Callable[["MPCTensor", "MPCTensor"], "MPCTensor"]
+Combine = Callable[[MPCTensor, MPCTensor], MPCTensor]
 
 
-def pairwise_tree(x: "MPCTensor", dim: int, combine: Combine) -> "MPCTensor":
+def pairwise_tree(x: MPCTensor, dim: int, combine: Combine) -> MPCTensor:
     """Reduce along ``dim`` (keepdim) by halves: ``combine(first half, second half)``.
 
     ceil(log2 n) levels; an odd leftover entry is carried to the next level.
@@ -39,19 +37,19 @@ def pairwise_tree(x: "MPCTensor", dim: int, combine: Combine) -> "MPCTensor":
     return cur
 
 
-def larger_by_sign(a: "MPCTensor", b: "MPCTensor") -> "MPCTensor":
+def larger_by_sign(a: MPCTensor, b: MPCTensor) -> MPCTensor:
     """max(a, b) = b + [a >= b] (a - b): one sign bit and one product by a bit."""
     diff = a - b
     return b + (1 - diff._ltz()) * diff
 
 
-def larger_by_relu(a: "MPCTensor", b: "MPCTensor") -> "MPCTensor":
+def larger_by_relu(a: MPCTensor, b: MPCTensor) -> MPCTensor:
     """max(a, b) = a + relu(b - a)."""
     return a + (b - a).relu()
 
 
-def tree_max(x: "MPCTensor", dim: int, keepdim: bool = True,
-             combine: Combine = larger_by_sign) -> "MPCTensor":
+def tree_max(x: MPCTensor, dim: int, keepdim: bool = True,
+             combine: Combine = larger_by_sign) -> MPCTensor:
     """Maximum of ``x`` along ``dim`` by :func:`pairwise_tree` with ``combine``."""
     out = pairwise_tree(x, dim, combine)
     return out if keepdim else out.squeeze(dim % x.dim())

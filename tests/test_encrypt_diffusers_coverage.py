@@ -15,7 +15,11 @@ import pytest
 import torch
 
 import cipherdm_torch
+from cipherdm_torch import encrypt
+from cipherdm_torch.compiler import graph as G
 from cipherdm_torch.compiler.graph import DEFAULT_PUBLIC, UnsupportedOpsError
+from cipherdm_torch.mpc.cost import CostMeter
+from cipherdm_torch.protocols.replicated.backend import replicated_backend
 
 PLAIN = dict(down_block_types=("DownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "UpBlock2D"))
@@ -78,14 +82,11 @@ def inputs(name):
 
 def _backend(name):
     if name == "rss":
-        from cipherdm_torch.protocols.replicated.backend import replicated_backend
         return replicated_backend()
     return contextlib.nullcontext()
 
 
 def _body(names, backend):
-    from cipherdm_torch import encrypt
-
     info = cipherdm_torch.party()
     out = {}
     with _backend(backend):
@@ -146,9 +147,6 @@ def test_block_type_matrix(parties, backend):
 
 
 def _refused_body(name):
-    from cipherdm_torch import encrypt
-    from cipherdm_torch.mpc.cost import CostMeter
-
     info = cipherdm_torch.party()
     x, t, kw = inputs(name)
     with CostMeter() as meter:
@@ -168,8 +166,6 @@ def test_secret_timestep_class_labels_are_refused_before_any_traffic(parties):
 
 
 def test_fourier_without_public_params_names_the_fix():
-    from cipherdm_torch.compiler import graph as G
-
     x, t, _ = inputs("skip_fourier_gelu")
     g = G.rewrite(G.export_graph(make("skip_fourier_gelu", 0), {"sample": x, "timestep": t}))
     secret = G.secret_nodes(g, set(DEFAULT_PUBLIC))

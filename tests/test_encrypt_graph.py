@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 
 import cipherdm_torch
+from cipherdm_torch import FixedPointRangeWarning, encrypt
 from cipherdm_torch.compiler import graph, ops
+from cipherdm_torch.compiler.encrypted_module import fixed_point_limit
 
 
 def _tiny_unet():
@@ -78,8 +80,6 @@ def test_registry_covers_the_unet_ops():
 
 
 def test_fixed_point_limit():
-    from cipherdm_torch.compiler.encrypted_module import fixed_point_limit
-
     assert fixed_point_limit(16) == pytest.approx(2 ** 15.5)
     assert fixed_point_limit(20) < fixed_point_limit(16)
 
@@ -96,9 +96,6 @@ class _Loud(nn.Module):
 
 
 def _warn_body(gain, precision_bits):
-    from cipherdm_torch import FixedPointRangeWarning
-    from cipherdm_torch import encrypt
-
     info = cipherdm_torch.party()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

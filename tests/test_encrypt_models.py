@@ -1,21 +1,25 @@
-"""Encrypted forward of the project's DDPM++ UNet (DPUNet) and of a tiny randomly initialised
+"""Encrypted forward of the project's DDPM++ UNet (DDPMppUNet) and of a tiny randomly initialised
 diffusers UNet2DConditionModel (cross-attention over a secret text embedding, GEGLU, LayerNorm),
 in three real processes, against the plaintext forward.
 
 Tolerance: max |error| <= 0.1 and relative L2 error <= 5%.
 """
 
+import contextlib
+
 import pytest
 import torch
 
 import cipherdm_torch
+from cipherdm_torch import encrypt
+from cipherdm_torch.diffusion.backbones import DDPMppUNet
+from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 
 def make_dpunet(seed):
-    from cipherdm_torch.diffusion.backbones import DPUNet
-
     torch.manual_seed(seed)
-    return DPUNet(img_resolution=8, in_channels=1, out_channels=1, num_classes=3,
+    return DDPMppUNet(img_resolution=8, in_channels=1, out_channels=1, num_classes=3,
                   model_channels=4, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                   dropout=0.0, noise_emb_dim=8).eval()
 
@@ -47,12 +51,6 @@ MAKERS = {"dpunet": make_dpunet, "cond_unet": make_cond_unet}
 
 
 def _body(names, variant, rss=False):
-    import contextlib
-
-    from cipherdm_torch import encrypt
-    from cipherdm_torch.protocols import config
-    from cipherdm_torch.protocols.replicated import backend as rss_backend
-
     info = cipherdm_torch.party()
     out = {}
     backend = rss_backend.replicated_backend() if rss else contextlib.nullcontext()

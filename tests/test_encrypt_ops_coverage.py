@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import cipherdm_torch
+from cipherdm_torch import encrypt
 from cipherdm_torch.compiler import graph as graph_mod
+from cipherdm_torch.protocols.replicated.backend import replicated_backend
 
 
 class Toy(torch.nn.Module):
@@ -55,14 +57,11 @@ def _inputs():
 
 def _backend(name):
     if name == "rss":
-        from cipherdm_torch.protocols.replicated.backend import replicated_backend
         return replicated_backend()
     return contextlib.nullcontext()
 
 
 def _toy_body(backend):
-    from cipherdm_torch import encrypt
-
     info = cipherdm_torch.party()
     x, t = _inputs()
     with _backend(backend):

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import cipherdm_torch
+from cipherdm_torch import encrypt
 from cipherdm_torch.mpc.crypten_compat import crypten
+from cipherdm_torch.protocols import config
 from party_views import received_recorder as _received_recorder, tensors as _tensors
 
 CONFIGS = {
@@ -46,15 +48,11 @@ def example(name, batch=2, seed=7):
 
 
 def _body(names, record_leak, variant, second_batch):
-    from cipherdm_torch.protocols import config
-
     with config.use(variant):
         return _run_models(names, record_leak, second_batch)
 
 
 def _run_models(names, record_leak, second_batch):
-    from cipherdm_torch import encrypt
-
     info = cipherdm_torch.party()
     results = {}
     for name in names:

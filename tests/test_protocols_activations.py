@@ -9,7 +9,9 @@ import cipherdm_torch  # noqa: F401
 import crypten
 
 from cipherdm_torch import CostMeter
-from cipherdm_torch.protocols import activations, config, functions as P, recorded_ranges
+from cipherdm_torch.protocols import activations, coefficients, config, functions as P, \
+    recorded_ranges
+from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 
 def _silu_range():
@@ -84,8 +86,7 @@ def test_activations_three_parties(parties):
 
 
 def test_fit_is_continuous_and_regenerates():
-    from cipherdm_torch.protocols import coefficients
-    from tools import fit_coefficients as fit
+    from tools import fit_coefficients as fit  # a dev tool, importable from a source checkout only
 
     fits = fit.fit_all()
     for name, e in fits.items():
@@ -117,8 +118,6 @@ def test_config_switches():
 
 
 def _rss_body(x):
-    from cipherdm_torch.protocols.replicated import backend as rss_backend
-
     out = {}
     with rss_backend.replicated_backend(), config.use("optimised"):
         for name, fn in (("silu", P.silu), ("mish", P.mish), ("gelu", P.gelu)):

@@ -9,6 +9,7 @@ import crypten
 
 from cipherdm_torch import CostMeter
 from cipherdm_torch.protocols import config, exp_softmax, functions as P, recorded_ranges
+from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 
 def _logit_scale():
@@ -18,8 +19,6 @@ def _logit_scale():
 
 
 def _body(d, protocol):
-    from cipherdm_torch.protocols.replicated import backend as rss_backend
-
     rss_backend.install()
     out = {}
     with crypten.cfg.temp_override({"mpc.protocol": protocol}):

@@ -6,10 +6,11 @@ import cipherdm_torch  # noqa: F401
 import crypten
 import crypten.mpc
 
+from cipherdm_torch import CostMeter
+from cipherdm_torch.compiler import ops
 from cipherdm_torch.protocols import sharewise
 from cipherdm_torch.protocols.replicated import arith as rss_arith, backend as rss_backend, \
     compare as rss_compare
-
 
 
 def _plain(t):
@@ -91,8 +92,6 @@ def test_enable_disable(parties):
 
 
 def _replica_carry_body(x):
-    from cipherdm_torch import CostMeter
-
     with rss_backend.replicated_backend():
         a = crypten.cryptensor(x) * 1.0  # truncated: replicated
         b = crypten.cryptensor(x) * 0.5
@@ -141,9 +140,6 @@ def test_local_ops_keep_the_replica_on_every_party(parties):
 def _compiler_local_ops_body(x):
     """The compiler's share-wise ops (ops.local, split, cat) reach the replica through the
     observer install() registers; without it the next product re-shares."""
-    from cipherdm_torch import CostMeter
-    from cipherdm_torch.compiler import ops
-
     aten = torch.ops.aten
     out = {}
     with rss_backend.replicated_backend():

@@ -13,6 +13,10 @@ import pytest
 import torch
 
 import cipherdm_torch
+from cipherdm_torch import encrypt
+from cipherdm_torch.mpc.cost import CostMeter
+from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 SIZE = 8
 
@@ -33,11 +37,6 @@ def _example(size=SIZE, batch=1, seed=11):
 
 
 def _forwards(n, size, truncation):
-    from cipherdm_torch import encrypt
-    from cipherdm_torch.mpc.cost import CostMeter
-    from cipherdm_torch.protocols import config
-    from cipherdm_torch.protocols.replicated import backend as rss_backend
-
     info = cipherdm_torch.party()
     x, t = _example(size)
     enc = encrypt(make_attn_unet(0 if info.is_owner else 50 + info.rank, size), (x, t))

@@ -19,7 +19,9 @@ import cipherdm_torch  # noqa: F401
 import crypten
 import crypten.communicator as comm
 
-from cipherdm_torch.protocols.replicated import backend as rss_backend, compare as rss_compare
+from cipherdm_torch.protocols.replicated import arith as ra, backend as rss_backend, \
+    compare as rss_compare
+from party_views import whole_view_recorder
 
 P_MIN = 1e-7  # per-test threshold; a few thousand tests per run -> false alarm < 1e-3
 
@@ -28,8 +30,6 @@ class _Recorder:
     """Record every payload this party receives on its secure links while active."""
 
     def __enter__(self):
-        from party_views import whole_view_recorder
-
         self.got, self._stop = whole_view_recorder(include_sent=False)
         return self
 
@@ -39,8 +39,6 @@ class _Recorder:
 
 def _view_body(kind, secrets):
     """Run protocol ``kind`` on each secret tensor; return this party's view for each."""
-    from cipherdm_torch.protocols.replicated import arith as ra
-
     views = []
     with rss_backend.replicated_backend():
         for s in secrets:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import hashlib
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
@@ -390,8 +391,6 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 def _matches(name: str, pattern: str) -> bool:
     """``public_params`` entries: exact names, module prefixes or glob patterns."""
-    import fnmatch
-
     return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 

@@ -13,6 +13,7 @@ evaluate, with where it comes from, before any secret computation.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -430,8 +431,6 @@ def fold_state(g: ModelGraph, secret: Set[str], state_values: Optional[Dict[str,
 
 
 def _structure_digest(node, g: ModelGraph, state_only) -> str:
-    import hashlib
-
     memo: Dict[str, str] = {}
 
     def desc(n) -> str:

@@ -245,11 +245,8 @@ def b2a(x: Pair, bits: int = 64) -> torch.Tensor:
 
 def reveal_binary(x: Pair) -> torch.Tensor:
     """Open a binary sharing to everyone (test helper): x_0 ^ x_1 ^ x_2."""
-    import crypten.communicator as comm
-
     rank, ws = ra._rank_ws()
     other = torch.empty_like(x[0])
     ra.exchange([(x[0], (rank + 1) % ws)], [(other, (rank - 1) % ws)])
     # party i now holds x_i, x_{i+1} and x_{i-1}
-    del comm
     return x[0] ^ x[1] ^ other
