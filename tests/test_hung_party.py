@@ -14,11 +14,11 @@ import time
 import pytest
 import torch
 
-import crypten
-from cipherdm_torch import PartyError, PartyPool, launch, party
+from cipherdm_torch import PartyError, PartyPool, launch, party  # before crypten: its fixes
 from cipherdm_torch.cli.sample import add_timeout_arg, apply_timeout
 from cipherdm_torch.mpc import runtime, secure_comm
 from cipherdm_torch.mpc.channel import op_label
+from cipherdm_torch.mpc.crypten_compat import crypten
 
 HANG = 6.0  # hang_timeout of the SIGSTOP test: heartbeats every 1.5 s
 SLACK = 30.0  # scheduling on a loaded machine, the launcher's polling, process teardown

@@ -616,7 +616,8 @@ class PartyPool:
             peer = h["peer"]
             detectors = sorted({f["hung"]["rank"] for f in hung if f["hung"]["peer"] == peer})
             cause = (f"not responding: no message and no heartbeat for {h['silent_for']:.0f} s "
-                     f"(hang_timeout {self.hang_timeout:g} s) while party "
+                     f"(hang_timeout {self.hang_timeout:g} s) while "
+                     f"{'party' if len(detectors) == 1 else 'parties'} "
                      f"{' and '.join(map(str, detectors))} waited on it at op {h['label']!r}")
             if peer in states:
                 cause += f"; its process is {states[peer]}"
