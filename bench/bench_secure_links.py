@@ -33,12 +33,13 @@ def _body(model_dir: str, batch: int, reps: int):
     from cipherdm_torch import encrypt
     from cipherdm_torch.mpc import prg, secure_comm
     from cipherdm_torch.protocols.replicated import backend as rss_backend
-    from cipherdm_torch.pipelines.job import _image_shape, load_model
+    from cipherdm_torch.diffusion.backbones import image_shape
+    from cipherdm_torch.pipelines.job import load_model
 
     p = party()
     rss_backend.enable()
     model, kind = load_model(model_dir, with_weights=p.is_owner)
-    shape = _image_shape(model, kind)
+    shape = image_shape(model)
     example = {"x": torch.zeros(batch, *shape), "noise_labels": torch.zeros(batch),
                "class_labels": torch.zeros(batch, dtype=torch.long)}
     enc = encrypt(model.backbone, example)

@@ -161,7 +161,7 @@ def record(unet, images, rec: Recorder, n: int = 8) -> None:
 def record_shipped(denoiser, images, rec: Recorder, n: int = 10) -> None:
     """EDM-18 Heun and Euler-8 (the demo's) trajectories, then noised data over the sigma range."""
     from cipherdm_torch.pipelines.secure import plaintext_edm_sample
-    from cipherdm_torch.diffusion.samplers import edm_sigmas
+    from cipherdm_torch.diffusion.edm import edm_sigmas
 
     labels = list(range(n))
     with rec:

@@ -231,11 +231,6 @@ class DDPMppUNet(ModelMixin, ConfigMixin):
         return self.conv_out(F.silu(self.norm_out(h)).contiguous())
 
 
-# The old name, still imported by code outside the diffusion room (tests/test_encrypt_models.py);
-# remove once it imports DDPMppUNet.
-DPUNet = DDPMppUNet
-
-
 class DiffusersBackbone(nn.Module):
     """Adapter giving a diffusers ``UNet2DModel`` the backbone signature.
 

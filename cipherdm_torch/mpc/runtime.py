@@ -29,11 +29,14 @@ Hangs are bounded too, by three limits the caller sets:
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import pickle
 import queue
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -42,7 +45,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.multiprocessing as mp
 
-from cipherdm_torch.mpc import cost, netsim
+from cipherdm_torch.mpc import cost, identity, netsim, prg, secure_comm
+from cipherdm_torch.mpc.channel import PeerHungError, hang_timeout_from_env
 
 __all__ = ["Roles", "PartyInfo", "PartyError", "PartyPool", "launch", "party", "under_torchrun"]
 
@@ -124,8 +128,7 @@ def init_party(rank: int, world_size: int, rendezvous: str, roles: Roles = Roles
     imported and the party joins the process group, "group" once it has (the links next).
     """
     global _PARTY
-    from cipherdm_torch.mpc.crypten_compat import crypten
-    from cipherdm_torch.mpc import identity, secure_comm
+    from cipherdm_torch.mpc.crypten_compat import crypten  # CrypTen loads in the party processes only
 
     roles.check(world_size)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), RENDEZVOUS=rendezvous,
@@ -144,7 +147,6 @@ def init_party(rank: int, world_size: int, rendezvous: str, roles: Roles = Roles
                              "`cipherdm keys --out DIR` (every party's .crt, this party's .key)")
         secure_comm.setup(identity.load(keys, rank, world_size), hang_timeout=hang_timeout)
     else:
-        from cipherdm_torch.mpc import prg
 
         prg.allow_insecure_generators()
     cost.install()
@@ -155,7 +157,6 @@ def init_party(rank: int, world_size: int, rendezvous: str, roles: Roles = Roles
 
 def _hung(exc: BaseException) -> Optional[dict]:
     """The :class:`~cipherdm_torch.mpc.channel.PeerHungError` behind ``exc``, as a dict."""
-    from cipherdm_torch.mpc.channel import PeerHungError
 
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -174,7 +175,6 @@ def _failure(exc: BaseException) -> dict:
 
 def _wait_state() -> dict:
     """What this party waits on now (for the launcher's timeout report)."""
-    from cipherdm_torch.mpc import secure_comm
 
     waits = {}
     if secure_comm.is_secure():
@@ -186,7 +186,6 @@ def _exit_with_parent(parent: int, period: float = 1.0, control: Optional[str] =
                       rank: int = 0, results=None) -> None:
     """Stop this party if the launching process dies (else it would compute on, orphaned);
     answer the launcher's requests for this party's wait state (``control``/report)."""
-    import threading
 
     def watch():
         answered = None
@@ -230,9 +229,7 @@ def _party_main(rank, world_size, rendezvous, roles, crypten_config, threads, ta
         results.close()
         results.join_thread()
         os._exit(1)
-    import crypten
-
-    from cipherdm_torch.mpc import secure_comm
+    import crypten  # loaded by init_party in this party process already
 
     secure_comm.teardown()
     crypten.uninit()
@@ -256,8 +253,6 @@ def _refuse_while_spawning() -> None:
     script's ``launch()`` runs again inside the party, which can only fail. The party writes
     the cause where the launcher reads it, so the launch fails at once with this message.
     """
-    import json
-    import multiprocessing
 
     proc = multiprocessing.current_process()
     if not getattr(proc, "_inheriting", False):
@@ -306,7 +301,6 @@ class PartyPool:
         no heartbeat) after which a party's peers report it as hung and :class:`PartyError`
         names it (default ``$CIPHERDM_HANG_TIMEOUT`` or 60 s; heartbeats every quarter of
         it). ``grace``: seconds the other parties get to stop after one failed."""
-        from cipherdm_torch.mpc.channel import hang_timeout_from_env
 
         if world_size < 2:
             raise ValueError(f"world_size must be at least 2, got {world_size}")
@@ -338,7 +332,6 @@ class PartyPool:
         rendezvous = f"file://{self._tmp}/rendezvous"
         keys = self.keys
         if self.secure and keys is None:
-            from cipherdm_torch.mpc import identity
 
             keys = os.path.join(self._tmp, "keys")
             identity.create(keys, self.world_size)
@@ -587,7 +580,6 @@ class PartyPool:
         """Why party ``rank`` exited: its own report if it died while starting, else the code."""
         path = os.path.join(self._tmp or "", f"boot-{rank}.json")
         if starting and self._tmp and os.path.exists(path):
-            import json
 
             with open(path) as f:
                 report = json.load(f)

@@ -3,7 +3,7 @@
 ``SecureDDPMPipeline`` / ``SecureDDIMPipeline`` wrap an encrypted noise-prediction UNet
 (diffusers ``UNet2DModel`` or any model converted by :func:`cipherdm_torch.encrypt`) and a
 diffusers scheduler; ``SecureEDMPipeline`` wraps the encrypted backbone of a DPDM-trained
-denoiser (``cipherdm_torch.training``). Each party calls the pipeline with the same public
+denoiser (:mod:`cipherdm_torch.diffusion`). Each party calls the pipeline with the same public
 arguments (batch size, steps, guidance); only the user passes the seed and class labels, which
 are secret-shared from the user's rank. The images are revealed to the user only; the other
 parties get ``images=None``. Timesteps and scheduler coefficients are public.
@@ -20,7 +20,7 @@ from cipherdm_torch.mpc import cost
 from cipherdm_torch.mpc.crypten_compat import crypten
 from cipherdm_torch.mpc.runtime import party
 from cipherdm_torch.diffusion.backbones import image_shape as model_sample_shape
-from cipherdm_torch.diffusion.edm import edm_sigmas, guided
+from cipherdm_torch.diffusion.edm import cfg_coefficients, edm_sigmas, guided
 from cipherdm_torch.diffusion.sampling import Noise, SharedNoise, StepLog, edm_loop, scheduler_loop
 
 __all__ = ["SecureSampleOutput", "SecureDDPMPipeline", "SecureDDIMPipeline", "SecureEDMPipeline",
@@ -39,19 +39,9 @@ class SecureSampleOutput:
 
 
 def model_image_shape(unet) -> Optional[tuple]:
-    """(channels, height, width) of a model's samples from its config (``in_channels`` and
-    ``sample_size``, or ``img_resolution`` for the project's own backbone); ``unet`` may be an
-    :class:`EncryptedModule`."""
-    model = getattr(unet, "_model", unet)
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-    channels, size = get("in_channels"), get("sample_size") or get("img_resolution")
-    if channels is None or size is None:
-        return None
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(channels), int(h), int(w)
+    """(channels, height, width) of a model's samples from its config; ``unet`` may be an
+    :class:`~cipherdm_torch.compiler.EncryptedModule` (read through the model it wraps)."""
+    return model_sample_shape(getattr(unet, "_model", unet))
 
 
 def model_output(out):
@@ -162,8 +152,6 @@ class SecureEDMPipeline(_SecurePipeline):
                  class_labels=None, guidance_scale: float = 1.0, heun: bool = True,
                  s_churn: float = 0.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, progress: bool = True) -> SecureSampleOutput:
-        from cipherdm_torch.diffusion.samplers import cfg_coefficients, edm_sigmas
-
         guided = self.num_classes > 0 and guidance_scale != 1.0
         sigmas = edm_sigmas(num_inference_steps, sigma_min, sigma_max, rho).tolist()
         shape = (batch_size, *self._image_shape(image_shape))
