@@ -1,7 +1,10 @@
-"""Which variant of each nonlinear protocol runs, and its accuracy knobs.
+"""Which variant of each nonlinear protocol runs, its accuracy knobs, and the MPC backend.
 
 One switch per function selects ``"baseline"`` (CrypTen's direct method) or
-``"optimised"`` (this package's protocols); knobs trade accuracy for cost.
+``"optimised"`` (this package's protocols); knobs trade accuracy for cost; ``backend``
+selects the protocol every ``MPCTensor`` operation runs on (``"rss"``: the dealer-free
+replicated backend, ``"crypten"``: CrypTen's default Beaver-triple protocol), so a caller
+sets one thing instead of both this module and ``crypten.cfg``.
 Settings live in a per-process stack (each party is its own process), so a
 ``with use(...)`` block changes them for the code inside it only::
 
@@ -9,21 +12,46 @@ Settings live in a per-process stack (each party is its own process), so a
         ...
     with use(silu="baseline", exp_squarings=6):
         ...
+    with use("optimised", backend="rss"):   # our protocols on the replicated backend
+        ...
+
+Backends are plug-ins, looked up by name when a block asks for one (:data:`BACKENDS`):
+``"rss"`` imports :mod:`cipherdm_torch.protocols.replicated.backend` with :mod:`importlib`
+and enters its ``replicated_backend()`` context (which installs the backend's CrypTen
+patches on first use); ``"crypten"`` sets ``crypten.cfg.mpc.protocol`` to ``"beaver"`` with
+``crypten.cfg.temp_override``. So importing this module imports neither CrypTen nor a
+backend, and the backend-independent protocols that read these settings never depend on one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+import importlib
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional
 
-__all__ = ["Settings", "FUNCTIONS", "VARIANTS", "TRUNCATIONS", "use", "current"]
+__all__ = ["Settings", "FUNCTIONS", "VARIANTS", "TRUNCATIONS", "BACKENDS", "use", "current"]
 
 VARIANTS = ("baseline", "optimised")
 TRUNCATIONS = ("exact", "probabilistic")
 FUNCTIONS = ("silu", "mish", "gelu", "exp", "softmax", "reciprocal", "rsqrt",
              "group_norm", "layer_norm")
+
+
+def _rss() -> ContextManager:
+    # a plug-in looked up by name: the replicated backend (and CrypTen) load only when asked for
+    backend = importlib.import_module("cipherdm_torch.protocols.replicated.backend")
+    return backend.replicated_backend()
+
+
+def _crypten() -> ContextManager:
+    crypten = importlib.import_module("crypten")  # CrypTen loads only when a backend is switched
+    return crypten.cfg.temp_override({"mpc.protocol": "beaver"})
+
+
+# backend name -> the context manager factory that selects it for a block
+BACKENDS: Dict[str, Callable[[], ContextManager]] = {"rss": _rss, "crypten": _crypten}
 
 
 @dataclass(frozen=True)
@@ -51,15 +79,18 @@ class Settings:
     reciprocal_iters: int = 2
     rsqrt_iters: int = 2
     # softmax row max: "tree" (pairwise, n - 1 comparisons per row) or CrypTen's max
-    softmax_max_method: str = "tree"  # "tree" (pairwise, n-1 comparisons) or "crypten"
+    softmax_max_method: str = "tree"
     # rss backend fixed-point truncation: "exact" (P2-assisted, error <= 1 unit for |x| < 2^62,
     # 2 rounds, 16 B per element from two parties and 32 B from the helper, which rotates per
     # call: 21.3 B per party on average) or "probabilistic" (ABY3's two-share
     # truncation, 1 round, 8 B per party, wrong by ~2^64/y with probability ~|x|/2^64;
     # for benchmarks only)
     truncation: str = "exact"
+    # MPC backend selected by the innermost use(backend=...): a key of BACKENDS, or None (not
+    # chosen here: crypten.cfg.mpc.protocol as it is)
+    backend: Optional[str] = None
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
 
@@ -72,16 +103,23 @@ def current() -> Settings:
 
 
 @contextmanager
-def use(variant: Optional[str] = None, **knobs) -> Iterator[Settings]:
+def use(variant: Optional[str] = None, *, backend: Optional[str] = None,
+        **knobs: Any) -> Iterator[Settings]:
     """Run a block with ``variant`` for every function and/or individual overrides.
 
     ``variant`` is "baseline" or "optimised" (None keeps the current choices);
-    keyword arguments name a function (value: a variant) or a knob.
+    keyword arguments name a function (value: a variant) or a knob. ``backend`` ("rss" or
+    "crypten", a key of :data:`BACKENDS`) also switches CrypTen's protocol for the block and
+    puts the previous one back after it (None keeps the backend in force).
     """
-    changes = {}
+    changes: Dict[str, Any] = {}
     if variant is not None:
         _check_variant("variant", variant)
         changes.update({f: variant for f in FUNCTIONS})
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+        changes["backend"] = backend
     fields = {f.name for f in dataclasses.fields(Settings)}
     for key, value in knobs.items():
         if key not in fields:
@@ -91,11 +129,14 @@ def use(variant: Optional[str] = None, **knobs) -> Iterator[Settings]:
         if key == "truncation" and value not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {value!r}")
         changes[key] = value
-    _STACK.append(current().replace(**changes))
-    try:
-        yield current()
-    finally:
-        _STACK.pop()
+    with ExitStack() as stack:
+        if backend is not None:
+            stack.enter_context(BACKENDS[backend]())
+        _STACK.append(current().replace(**changes))
+        try:
+            yield current()
+        finally:
+            _STACK.pop()
 
 
 def _check_variant(name: str, value: str) -> None:

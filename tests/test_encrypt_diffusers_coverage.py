@@ -9,8 +9,6 @@ cross-attention on a secret encoder_hidden_states. Outputs are compared unclampe
 tolerance relative to the output scale: max|diff| <= 0.05 max|ref| + 0.02.
 """
 
-import contextlib
-
 import pytest
 import torch
 
@@ -19,7 +17,7 @@ from cipherdm_torch import encrypt
 from cipherdm_torch.compiler import graph as G
 from cipherdm_torch.compiler.graph import DEFAULT_PUBLIC, UnsupportedOpsError
 from cipherdm_torch.mpc.cost import CostMeter
-from cipherdm_torch.protocols.replicated.backend import replicated_backend
+from cipherdm_torch.protocols import config
 
 PLAIN = dict(down_block_types=("DownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "UpBlock2D"))
@@ -80,16 +78,10 @@ def inputs(name):
     return x, t, kw
 
 
-def _backend(name):
-    if name == "rss":
-        return replicated_backend()
-    return contextlib.nullcontext()
-
-
 def _body(names, backend):
     info = cipherdm_torch.party()
     out = {}
-    with _backend(backend):
+    with config.use(backend=backend):  # "rss" or "crypten"
         for name in names:
             model = make(name, 0 if info.is_owner else 50 + info.rank)
             x, t, kw = inputs(name)

@@ -3,8 +3,6 @@ protocol and on the replicated backend: padding (zero, constant, reflect, negati
 eval-mode BatchNorm (folded into weights the owner computes), leaky_relu, max_pool2d,
 hardtanh / clamp as comparisons, in-place adds, and public parameters (public_params=)."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 import cipherdm_torch
 from cipherdm_torch import encrypt
 from cipherdm_torch.compiler import graph as graph_mod
-from cipherdm_torch.protocols.replicated.backend import replicated_backend
+from cipherdm_torch.protocols import config
 
 
 class Toy(torch.nn.Module):
@@ -55,16 +53,10 @@ def _inputs():
     return torch.randn(2, 2, 8, 8, generator=g), torch.tensor([3.0, 7.0])
 
 
-def _backend(name):
-    if name == "rss":
-        return replicated_backend()
-    return contextlib.nullcontext()
-
-
 def _toy_body(backend):
     info = cipherdm_torch.party()
     x, t = _inputs()
-    with _backend(backend):
+    with config.use(backend=backend):  # "rss" or "crypten"
         model = make_toy(0 if info.is_owner else 10 + info.rank)
         enc = encrypt(model, {"x": x, "t": t}, public_params=["proj"])
         sx = enc.share_input("x", x if info.is_user else None)
