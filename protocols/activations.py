@@ -10,6 +10,7 @@ x = 0 and at |x| = T. :func:`reference` is the plaintext twin.
 from __future__ import annotations
 
 import torch
+from crypten.mpc import MPCTensor
 
 from cipherdm_torch.protocols import config
 from cipherdm_torch.protocols.coefficients import COEFFICIENTS
@@ -23,7 +24,8 @@ def entry(name: str) -> dict:
     tag = config.current().activation_fit
     key = name if tag == "default" else f"{name}:{tag}"
     if key not in COEFFICIENTS:
-        raise KeyError(f"no coefficient set {key!r}; regenerate with protocols.fit")
+        raise KeyError(f"no coefficient set {key!r}; regenerate with "
+                       f"python -m tools.fit_coefficients")
     return COEFFICIENTS[key]
 
 
@@ -32,15 +34,15 @@ def _apply(x, name):
     return relu_plus_window(x, e["bound"], e["pos"], e["neg"])
 
 
-def silu(x):
+def silu(x: MPCTensor) -> MPCTensor:
     return _apply(x, "silu")
 
 
-def mish(x):
+def mish(x: MPCTensor) -> MPCTensor:
     return _apply(x, "mish")
 
 
-def gelu(x, approximate: str = "none"):
+def gelu(x: MPCTensor, approximate: str = "none") -> MPCTensor:
     return _apply(x, "gelu_tanh" if approximate == "tanh" else "gelu")
 
 

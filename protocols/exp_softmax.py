@@ -18,6 +18,10 @@ thousands of entries keep their precision.
 from __future__ import annotations
 
 import math
+from typing import Optional
+
+import torch
+from crypten.mpc import MPCTensor
 
 from cipherdm_torch.protocols import config
 from cipherdm_torch.protocols.max_tree import larger_by_sign, tree_max
@@ -31,7 +35,7 @@ def _clip_bound(cfg) -> float:
     return min(float(cfg.exp_clip), 2.0 ** (cfg.exp_squarings + 1))
 
 
-def exp(x):
+def exp(x: MPCTensor) -> MPCTensor:
     """exp(x) for x <= 0 (positive inputs are not supported: the result would grow)."""
     cfg = config.current()
     n = cfg.exp_squarings
@@ -52,12 +56,12 @@ def _square_and_keep(z, x, bound):
     return z.square(), keep
 
 
-def row_max(x, dim: int):
+def row_max(x: MPCTensor, dim: int) -> MPCTensor:
     """Max along ``dim`` (keepdim) by a pairwise tree: max(a, b) = b + [a >= b](a - b)."""
     return tree_max(x, dim, keepdim=True, combine=larger_by_sign)
 
 
-def softmax(x, dim: int):
+def softmax(x: MPCTensor, dim: int) -> MPCTensor:
     cfg = config.current()
     dim = dim % x.dim()
     n = x.size(dim)
@@ -74,7 +78,7 @@ def softmax(x, dim: int):
 
 # ---------------------------------------------------------------- plaintext twins
 
-def reference_exp(x, settings=None):
+def reference_exp(x: torch.Tensor, settings: Optional[config.Settings] = None) -> torch.Tensor:
     """Plaintext value of the optimised exp under ``settings`` (default: current)."""
     cfg = settings or config.current()
     n = cfg.exp_squarings
@@ -85,6 +89,7 @@ def reference_exp(x, settings=None):
     return y.to(x.dtype)
 
 
-def reference_softmax(x, dim: int, settings=None):
+def reference_softmax(x: torch.Tensor, dim: int,
+                      settings: Optional[config.Settings] = None) -> torch.Tensor:
     e = reference_exp(x - x.max(dim, keepdim=True)[0], settings)
     return e / e.sum(dim, keepdim=True)

@@ -1,20 +1,23 @@
 """GroupNorm and LayerNorm on secret shares.
 
 Mean and variance are local sums and one square per element; the only
-nonlinear step is one inverse square root per group (or per row), taken
-from :func:`cipherdm_torch.protocols.functions.rsqrt` so that the variant
-switch picks CrypTen's ``inv_sqrt`` or the magnitude-guided protocol.
+nonlinear step is one inverse square root per group (or per row), passed in as
+``rsqrt`` by :mod:`.functions`: CrypTen's ``inv_sqrt`` or the magnitude-guided
+protocol, as the norm's own variant switch says.
 The affine weight / bias may be public tensors or secret shares.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
 __all__ = ["group_norm", "layer_norm"]
+
+if TYPE_CHECKING:
+    from crypten.mpc import MPCTensor
 
 
 def _normalise_last(x, eps: float, rsqrt: Callable):
@@ -36,8 +39,10 @@ def _view(t, shape):
     return t.reshape(shape) if torch.is_tensor(t) else t.view(*shape)
 
 
-def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *,
-               rsqrt: Callable):
+def group_norm(x: MPCTensor, num_groups: int,
+               weight: Optional[Union[torch.Tensor, MPCTensor]] = None,
+               bias: Optional[Union[torch.Tensor, MPCTensor]] = None, eps: float = 1e-5, *,
+               rsqrt: Callable[[MPCTensor], MPCTensor]) -> MPCTensor:
     """GroupNorm of ``x`` (N, C, *) with ``num_groups`` groups."""
     n, c = x.size(0), x.size(1)
     if c % num_groups:
@@ -48,8 +53,10 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *,
     return _affine(y, weight, bias, [1, c] + [1] * len(spatial))
 
 
-def layer_norm(x, normalized_shape: Union[int, Sequence[int]], weight=None, bias=None,
-               eps: float = 1e-5, *, rsqrt: Callable):
+def layer_norm(x: MPCTensor, normalized_shape: Union[int, Sequence[int]],
+               weight: Optional[Union[torch.Tensor, MPCTensor]] = None,
+               bias: Optional[Union[torch.Tensor, MPCTensor]] = None, eps: float = 1e-5, *,
+               rsqrt: Callable[[MPCTensor], MPCTensor]) -> MPCTensor:
     """LayerNorm over the trailing ``normalized_shape`` dimensions of ``x``."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
     lead = list(x.size())[: x.dim() - len(shape)]

@@ -25,19 +25,22 @@ if garbage, is multiplied by c = 0.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 import crypten
 from crypten.encoder import FixedPointEncoder
+from crypten.mpc import MPCTensor
 
 __all__ = ["powers", "fixed_point_combination", "square_untruncated", "sign_window",
            "relu_plus_window"]
 
 
-def powers(s, degree: int, square=None) -> Dict[int, object]:
-    """{k: s^k} for k = 1..degree; round r computes every power in (2^r, 2^(r+1)] at once."""
+def powers(s: MPCTensor, degree: int, square: Optional[MPCTensor] = None) -> Dict[int, MPCTensor]:
+    """{k: s^k} for k = 1..degree; round r computes every power in (2^r, 2^(r+1)] at once.
+
+    ``square``: s^2 when the caller has it already (saves a product)."""
     pw = {1: s}
     if degree >= 2:
         pw[2] = s.square() if square is None else square
@@ -53,7 +56,8 @@ def powers(s, degree: int, square=None) -> Dict[int, object]:
     return pw
 
 
-def fixed_point_combination(terms: Sequence, weights: Sequence[Sequence[float]]):
+def fixed_point_combination(terms: Sequence[MPCTensor],
+                            weights: Sequence[Sequence[float]]) -> MPCTensor:
     """Stacked rows ``sum_k weights[r][k] * terms[k]`` with ONE truncation for all rows.
 
     CrypTen multiplies a secret by a public real as encode, multiply, truncate: one
@@ -71,7 +75,7 @@ def fixed_point_combination(terms: Sequence, weights: Sequence[Sequence[float]])
     return out.div(scale)
 
 
-def square_untruncated(x):
+def square_untruncated(x: MPCTensor) -> MPCTensor:
     """x^2 * 2^f as a fixed-point secret: the ring product of x with itself, NOT truncated.
 
     Exact (no probabilistic truncation error) while |x| < 2^((63 - 2f) / 2), i.e.
@@ -87,7 +91,7 @@ def square_untruncated(x):
     return out
 
 
-def sign_window(x, bound: float):
+def sign_window(x: MPCTensor, bound: float) -> Tuple[MPCTensor, MPCTensor, MPCTensor]:
     """(b, c, s) with b = [x < 0], c = [|x| < bound] from one batched comparison, s = x^2 2^f.
 
     The window compares the untruncated square (:func:`square_untruncated`), so both
@@ -99,7 +103,8 @@ def sign_window(x, bound: float):
     return bits[0], bits[1], s
 
 
-def relu_plus_window(x, bound: float, pos: Sequence[float], neg: Sequence[float]):
+def relu_plus_window(x: MPCTensor, bound: float, pos: Sequence[float],
+                     neg: Sequence[float]) -> MPCTensor:
     """relu(x) + [|x| < bound] * (x >= 0 ? pos : neg)(2|x|/bound - 1); coefficients u^0 first.
 
     Outside the window every intermediate may be garbage (huge u); it is multiplied

@@ -19,11 +19,12 @@ steps absorb the coarser guess.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import crypten
 import torch
 from crypten.encoder import FixedPointEncoder
+from crypten.mpc import MPCTensor
 
 from cipherdm_torch.protocols import config
 
@@ -37,7 +38,7 @@ _RECIP_A, _RECIP_B = 24 / 17, 8 / 17
 _RSQRT_C, _RSQRT_D = 1.26416, 0.2864
 
 
-def exponent_onehot(x, lo: int, hi: int):
+def exponent_onehot(x: MPCTensor, lo: int, hi: int) -> Tuple[Optional[MPCTensor], List[int]]:
     """(d, ks): integer-scale one-hot d over ks = lo..hi of k with 2^k <= x < 2^(k+1) (clamped).
 
     One batched comparison of x with every 2^j, j in (lo, hi]; the one-hot is a local
@@ -51,7 +52,8 @@ def exponent_onehot(x, lo: int, hi: int):
     return crypten.cat([1 - c[:1], c[:-1] - c[1:], c[-1:]]), [lo] + js
 
 
-def weigh(d, ks, weight: Callable[[int], float], like):
+def weigh(d: Optional[MPCTensor], ks: Sequence[int], weight: Callable[[int], float],
+          like: MPCTensor) -> MPCTensor:
     """sum_k d_k * weight(k) as a fixed-point secret: local (no truncation, no round).
 
     Each weight is encoded as an integer on its own and only one d_k is 1, so the
@@ -71,8 +73,8 @@ def _range(lo, hi):
     return (cfg.magnitude_lo if lo is None else lo), (cfg.magnitude_hi if hi is None else hi)
 
 
-def reciprocal_scaled(x, lo: Optional[int] = None, hi: Optional[int] = None,
-                      iters: Optional[int] = None):
+def reciprocal_scaled(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
+                      iters: Optional[int] = None) -> Tuple[MPCTensor, MPCTensor]:
     """(r, p) with p = 2^-k (secret power of two) and r = 1 / (x p) in (1/2, 1]: 1/x = r p.
 
     Keeping the two factors apart lets a caller multiply by r first and by p
@@ -92,13 +94,13 @@ def reciprocal_scaled(x, lo: Optional[int] = None, hi: Optional[int] = None,
     return r, p
 
 
-def reciprocal(x, lo: Optional[int] = None, hi: Optional[int] = None):
+def reciprocal(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None) -> MPCTensor:
     """1 / x for x > 0 in [2^lo, 2^hi] (config knobs ``magnitude_lo`` / ``magnitude_hi``)."""
     r, p = reciprocal_scaled(x, lo, hi)
     return r * p
 
 
-def rsqrt(x, lo: Optional[int] = None, hi: Optional[int] = None):
+def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None) -> MPCTensor:
     """1 / sqrt(x) for x > 0 in [2^lo, 2^hi].
 
     Newton's step y (3 - m y^2) / 2 is run as y (1.5 - h y^2) with h = m / 2 taken

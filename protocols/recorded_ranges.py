@@ -1,6 +1,6 @@
 """Input ranges of each nonlinearity recorded in real MNIST diffusion UNets.
 
-Written by ``bench/record_activation_ranges.py``: ``activation_ranges.json``
+Written by ``tools/record_activation_ranges.py``: ``activation_ranges.json``
 (CipherDM's UNet2DModel shape, DDPM) and ``activation_ranges_dpdm_mnist.json``
 (the shipped DP model, EDM). :func:`load` merges them (widest min / max), so the
 protocol tests and the benchmark cover every recorded model.

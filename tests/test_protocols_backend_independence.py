@@ -17,7 +17,8 @@ def test_approximations_and_compiler_import_no_backend():
     code = ("import importlib, sys\n"
             f"for name in {MODULES!r}:\n"
             "    importlib.import_module(name)\n"
-            "    loaded = [m for m in sys.modules if m.startswith('cipherdm_torch.protocols.replicated')]\n"
+            "    loaded = [m for m in sys.modules\n"
+            "              if m.startswith('cipherdm_torch.protocols.replicated')]\n"
             "    assert not loaded, (name, loaded)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

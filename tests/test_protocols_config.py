@@ -1,4 +1,5 @@
-"""``protocols.config.use(backend=...)``: one setting selects the protocols and CrypTen's backend."""
+"""``protocols.config.use(backend=...)``: one setting selects the protocols and CrypTen's
+backend."""
 
 import contextlib
 import subprocess

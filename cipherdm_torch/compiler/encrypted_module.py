@@ -8,9 +8,10 @@
   owner's weights reach them solely as pseudo-random zero sharings (``crypten.cryptensor(w,
   src=owner)``: the owner adds its values to its own share, nothing is sent).
 
-The model is exported once per input signature (:mod:`cipherdm_torch.compiler.graph`) and interpreted
-node by node: public-only nodes (timestep embedding, shapes, constants) run in plaintext torch,
-secret nodes through :mod:`cipherdm_torch.compiler.ops`, each op type in its own cost-meter region so a
+The model is exported once per input signature (:mod:`cipherdm_torch.compiler.graph`) and
+interpreted node by node: public-only nodes (timestep embedding, shapes, constants) run in
+plaintext torch, secret nodes through :mod:`cipherdm_torch.compiler.ops`, each node in the
+cost-meter region of its op kind (opened here, and only here) so a
 :class:`~cipherdm_torch.mpc.cost.CostMeter` around a forward gives the per-op breakdown. Secret
 inputs are shared from the user's rank (:meth:`EncryptedModule.share_input`) and results go
 back to the user only (:func:`reveal`).
@@ -28,7 +29,7 @@ import copy
 import fnmatch
 import hashlib
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, ContextManager, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ def fixed_point_limit(precision_bits: int, ring_bits: int = 64) -> float:
     return 2.0 ** ((ring_bits - 1 - 2 * precision_bits) / 2)
 
 
-def reveal(x, to: Optional[int] = None):
+def reveal(x: Any, to: Optional[int] = None) -> Any:
     """Open secret ``x`` (a CrypTen tensor or a pytree of them) to party ``to`` only.
 
     ``to`` defaults to the user's rank. The other parties send their shares to ``to`` point to
@@ -122,7 +123,7 @@ class EncryptedModule:
             self._share_weights(compiled)
 
     # ------------------------------------------------------------------ settings
-    def fixed_point(self):
+    def fixed_point(self) -> ContextManager:
         """Context applying this model's fixed-point precision to CrypTen."""
         if self.precision_bits is None:
             return contextlib.nullcontext()
@@ -242,7 +243,7 @@ class EncryptedModule:
                           FixedPointRangeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ inputs / outputs
-    def share_input(self, name: str, value: Optional[torch.Tensor]):
+    def share_input(self, name: str, value: Optional[torch.Tensor]) -> crypten.CrypTensor:
         """Secret-share input ``name`` from the user's rank (other ranks pass ``None``).
 
         Integer inputs that index an embedding (labels) are shared one-hot. The size is
@@ -261,20 +262,20 @@ class EncryptedModule:
             return crypten.cryptensor(value if is_user else torch.empty(0), src=self.roles.user,
                                       broadcast_size=True)
 
-    def share_inputs(self, **inputs):
+    def share_inputs(self, **inputs: Optional[torch.Tensor]) -> Dict[str, crypten.CrypTensor]:
         """:meth:`share_input` for several named inputs; returns a dict of shared tensors."""
         return {k: self.share_input(k, v) for k, v in inputs.items()}
 
-    def reveal(self, x, to: Optional[int] = None):
+    def reveal(self, x: Any, to: Optional[int] = None) -> Any:
         """Open ``x`` to the user (or ``to``) only; see :func:`reveal`."""
         with self.fixed_point():
             return reveal(x, to)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = graph_mod.bind_inputs(self._model, args, kwargs)
         for name, v in inputs.items():
             secret_name = name not in self.public
@@ -307,8 +308,9 @@ class EncryptedModule:
             with torch.no_grad():
                 return _interpret(compiled, values)
 
-    def profile(self, *args, **kwargs) -> Tuple[Any, cost.CostMeter]:
-        """Run one forward under a :class:`CostMeter`: (outputs, meter with one region per op type)."""
+    def profile(self, *args: Any, **kwargs: Any) -> Tuple[Any, cost.CostMeter]:
+        """Run one forward under a :class:`CostMeter`: (outputs, meter with one region per op
+        kind)."""
         with cost.CostMeter() as meter:
             out = self.forward(*args, **kwargs)
         return out, meter
@@ -423,7 +425,9 @@ def _shadow(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def encrypt(model: torch.nn.Module, example_inputs, *, public: Iterable[str] = graph_mod.DEFAULT_PUBLIC,
+def encrypt(model: torch.nn.Module,
+            example_inputs: Union[Dict[str, Any], Sequence[Any], torch.Tensor], *,
+            public: Iterable[str] = graph_mod.DEFAULT_PUBLIC,
             precision_bits: Optional[int] = None, range_margin: Optional[float] = 0.25,
             public_params: Iterable[str] = ()) -> EncryptedModule:
     """Convert ``model`` into an :class:`EncryptedModule` (call in every party).

@@ -66,7 +66,7 @@ class ModelGraph:
     def graph(self) -> torch.fx.Graph:
         return self.program.graph
 
-    def nodes(self):
+    def nodes(self) -> Iterable[torch.fx.Node]:
         return self.program.graph.nodes
 
     def op_counts(self) -> Dict[str, int]:

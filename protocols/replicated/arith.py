@@ -91,7 +91,7 @@ and ``truncate`` with the signatures CrypTen's ``ArithmeticSharedTensor`` calls.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -101,10 +101,16 @@ import crypten.communicator as comm
 from cipherdm_torch.mpc import prg
 from cipherdm_torch.protocols import config
 
+if TYPE_CHECKING:
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+Device = Optional[Union[str, torch.device]]
+Divisor = Union[int, torch.Tensor]  # a public positive int or long tensor
+
 __all__ = [
     "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "carry_local_op",
-    "replicate",
-    "replicate_many", "local_product", "truncate_shares", "reshare_output", "transcript",
+    "replicate", "replicate_many", "local_product", "truncate_shares", "reshare_output",
+    "transcript",
     "mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "square",
     "truncate", "udiv",
 ]
@@ -123,7 +129,7 @@ def _rank_ws() -> Tuple[int, int]:
     return rank, ws
 
 
-def rand_ring(size, which: str, device=None) -> torch.Tensor:
+def rand_ring(size: Sequence[int], which: str, device: Device = None) -> torch.Tensor:
     """Uniform int64 ring elements from this party's keyed pairwise stream ``which``
     ("prev" / "next": AES-128-CTR under the key agreed with that neighbour, see
     :mod:`cipherdm_torch.mpc.prg`)."""
@@ -135,7 +141,7 @@ def rand_ring(size, which: str, device=None) -> torch.Tensor:
                          device=device)
 
 
-def rand_bits(size, which: str, device=None) -> torch.Tensor:
+def rand_bits(size: Sequence[int], which: str, device: Device = None) -> torch.Tensor:
     """Uniform 0/1 values (uint8) from the keyed pairwise stream ``which``."""
     if prg.has_streams() or not prg.insecure_generators_allowed():
         return prg.stream(which).bits(tuple(size), device=device)
@@ -144,7 +150,7 @@ def rand_bits(size, which: str, device=None) -> torch.Tensor:
                          dtype=torch.uint8, device=device)
 
 
-def zero_share(size, device=None) -> torch.Tensor:
+def zero_share(size: Sequence[int], device: Device = None) -> torch.Tensor:
     """This party's share of a pseudo-random additive sharing of zero (no communication)."""
     return rand_ring(size, "next", device) - rand_ring(size, "prev", device)
 
@@ -174,7 +180,8 @@ class _Transcript:
 transcript = _Transcript()
 
 
-def exchange(sends: Sequence[Tuple[torch.Tensor, int]], recvs: Sequence[Tuple[torch.Tensor, int]]):
+def exchange(sends: Sequence[Tuple[torch.Tensor, int]],
+             recvs: Sequence[Tuple[torch.Tensor, int]]) -> None:
     """Post all sends and receives, then wait: one communication round (metered)."""
     c = comm.get()
     reqs = [c.isend(t.contiguous(), dst) for t, dst in sends]
@@ -259,7 +266,7 @@ def replicate(share: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- multiplication
 
 def local_product(op: Callable, x: torch.Tensor, x_next: torch.Tensor, y: torch.Tensor,
-                  y_next: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+                  y_next: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Re-randomised 3-out-of-3 share of ``op(x, y)`` for a bilinear ``op`` (no communication)."""
     z = op(x, y + y_next, *args, **kwargs) + op(x_next, y, *args, **kwargs)
     return (z + zero_share(z.size(), device=z.device)).contiguous()
@@ -285,7 +292,7 @@ def _is_pow2(y) -> bool:
     return isinstance(y, int) and y > 0 and y & (y - 1) == 0
 
 
-def udiv(v: torch.Tensor, y) -> torch.Tensor:
+def udiv(v: torch.Tensor, y: Divisor) -> torch.Tensor:
     """``floor(u / y)`` for the unsigned 64-bit value ``u`` whose bit pattern is the int64 ``v``.
 
     ``y`` is a positive Python int or a positive long tensor broadcastable with ``v``
@@ -314,7 +321,8 @@ def _ring_quotient(y):
 
 
 def _offset_quotient(y):
-    """``ceil(2^62 / y)``: the offset ``B = y * ceil(2^62 / y)`` is a multiple of y in [2^62, 2^62 + y)."""
+    """``ceil(2^62 / y)``: the offset ``B = y * ceil(2^62 / y)`` is a multiple of y in
+    [2^62, 2^62 + y)."""
     if isinstance(y, int):
         return -(-(1 << 62) // y)
     return torch.div(torch.full_like(y, (1 << 62) - 1), y, rounding_mode="floor") + 1
@@ -430,7 +438,7 @@ def _truncation_method() -> str:
     return config.current().truncation
 
 
-def truncate_shares(z: torch.Tensor, y, method: Optional[str] = None
+def truncate_shares(z: torch.Tensor, y: Divisor, method: Optional[str] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Divide the additive sharing ``z`` by the public positive integer ``y`` (int or long
     tensor broadcastable with ``z``).
@@ -470,31 +478,35 @@ def _bilinear(op: Callable, x, y, *args, **kwargs):
     return result
 
 
-def mul(x, y):
+def mul(x: ArithmeticSharedTensor, y: ArithmeticSharedTensor) -> ArithmeticSharedTensor:
     return _bilinear(torch.mul, x, y)
 
 
-def matmul(x, y):
+def matmul(x: ArithmeticSharedTensor, y: ArithmeticSharedTensor) -> ArithmeticSharedTensor:
     return _bilinear(torch.matmul, x, y)
 
 
-def conv1d(x, y, **kwargs):
+def conv1d(x: ArithmeticSharedTensor, y: ArithmeticSharedTensor,
+           **kwargs: Any) -> ArithmeticSharedTensor:
     return _bilinear(torch.conv1d, x, y, **kwargs)
 
 
-def conv2d(x, y, **kwargs):
+def conv2d(x: ArithmeticSharedTensor, y: ArithmeticSharedTensor,
+           **kwargs: Any) -> ArithmeticSharedTensor:
     return _bilinear(torch.conv2d, x, y, **kwargs)
 
 
-def conv_transpose1d(x, y, **kwargs):
+def conv_transpose1d(x: ArithmeticSharedTensor, y: ArithmeticSharedTensor,
+                     **kwargs: Any) -> ArithmeticSharedTensor:
     return _bilinear(torch.conv_transpose1d, x, y, **kwargs)
 
 
-def conv_transpose2d(x, y, **kwargs):
+def conv_transpose2d(x: ArithmeticSharedTensor, y: ArithmeticSharedTensor,
+                     **kwargs: Any) -> ArithmeticSharedTensor:
     return _bilinear(torch.conv_transpose2d, x, y, **kwargs)
 
 
-def square(x):
+def square(x: ArithmeticSharedTensor) -> ArithmeticSharedTensor:
     xs = x.share
     xn = replicate(xs)
     result = x.shallow_copy()
@@ -503,7 +515,7 @@ def square(x):
     return result
 
 
-def truncate(x, y):
+def truncate(x: ArithmeticSharedTensor, y: Divisor) -> ArithmeticSharedTensor:
     """In-place division of CrypTen share ``x`` by a public nonzero integer (scalar or tensor).
 
     A negative divisor divides by ``|y|`` and negates (locally, share and replica).

@@ -9,8 +9,8 @@ one bit of traffic.
 * XOR, shifts and masking with public constants are local.
 * AND (:func:`and_many`) uses the replicated product
   ``z_i = x_i & (y_i ^ y_{i+1}) ^ x_{i+1} & y_i`` re-randomised by a pseudo-random
-  XOR-sharing of zero from CrypTen's pairwise PRG seeds, then one re-share
-  (each party sends its ``z_i`` to the previous party): one element per party,
+  XOR-sharing of zero from the pairwise keyed streams (:mod:`cipherdm_torch.mpc.prg`),
+  then one re-share (each party sends its ``z_i`` to the previous party): one element per party,
   one round, any number of ANDs batched into the same round. No dealer.
 * :func:`a2b` converts a replicated arithmetic sharing: the three additive shares
   are trivially binary-shared, a carry-save adder (one AND round) reduces them
@@ -26,7 +26,7 @@ one bit of traffic.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
@@ -50,7 +50,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8) * _WEIGHTS).sum(-1, dtype=torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of :func:`pack_bits`."""
     n = 1
     for s in shape:
@@ -71,7 +71,7 @@ def xor(x: Pair, y: Pair) -> Pair:
     return x[0] ^ y[0], x[1] ^ y[1]
 
 
-def xor_public(x: Pair, c) -> Pair:
+def xor_public(x: Pair, c: Union[int, torch.Tensor]) -> Pair:
     """XOR a public constant into share index 0 (held by P0 first, by P2 second)."""
     rank, _ = ra._rank_ws()
     a, b = x
@@ -93,7 +93,7 @@ def _zero_share(like: torch.Tensor) -> torch.Tensor:
                                                                       like.device)
 
 
-def random_bits(shape, bits: int = 64, device=None) -> Pair:
+def random_bits(shape: Sequence[int], bits: int = 64, device: ra.Device = None) -> Pair:
     """A random replicated binary word no party knows: share j drawn from the PRG of
     parties j-1 and j, so party i's pair is (prev draw, next draw); no communication."""
     mask = -1 if bits >= 64 else (1 << bits) - 1

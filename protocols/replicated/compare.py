@@ -1,7 +1,7 @@
 """Comparisons on replicated shares: sign bit, x < c, ReLU, selection, max along a dimension.
 
 All functions take and return CrypTen ``MPCTensor`` objects (arithmetic ptype) and
-run on the dealer-free replicated protocols of :mod:`.rss_arith` / :mod:`.rss_binary`
+run on the dealer-free replicated protocols of :mod:`.arith` / :mod:`.binary`
 whatever ``crypten.cfg.mpc.protocol`` says, so they can also be called directly.
 
 Range: the sign bit is exact for every encoded value, i.e. for reals in
@@ -12,6 +12,8 @@ difference, which must stay in that range). Cost per element of ``ltz``
 """
 
 from __future__ import annotations
+
+from typing import Union
 
 import torch
 
@@ -40,12 +42,12 @@ def ltz(x: MPCTensor) -> MPCTensor:
     return _bit_tensor(ltz_share(x.share))
 
 
-def lt(x: MPCTensor, c) -> MPCTensor:
+def lt(x: MPCTensor, c: Union[MPCTensor, torch.Tensor, float]) -> MPCTensor:
     """[x < c] for a public or secret ``c``."""
     return ltz(x - c)
 
 
-def ge(x: MPCTensor, c) -> MPCTensor:
+def ge(x: MPCTensor, c: Union[MPCTensor, torch.Tensor, float]) -> MPCTensor:
     """[x >= c]."""
     return 1 - lt(x, c)
 
@@ -55,7 +57,8 @@ def _one_minus(bit: torch.Tensor) -> torch.Tensor:
 
 
 def mul_bit_share(x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
-    """Additive share of x * b for a 0/1 sharing b of integer scale (one re-share, no truncation)."""
+    """Additive share of x * b for a 0/1 sharing b of integer scale (one re-share, no
+    truncation)."""
     xn, bn = ra.replicate_many([x, bit])
     return ra.local_product(torch.mul, x, xn, bit, bn)
 
@@ -69,7 +72,8 @@ def relu(x: MPCTensor) -> MPCTensor:
     return out
 
 
-def select(bit: MPCTensor, x, y) -> MPCTensor:
+def select(bit: MPCTensor, x: Union[MPCTensor, torch.Tensor, float],
+           y: Union[MPCTensor, torch.Tensor, float]) -> MPCTensor:
     """bit ? x : y for a secret 0/1 ``bit`` (scale 1) and secret or public x, y: y + b (x - y)."""
     diff = x - y
     if not isinstance(diff, MPCTensor):  # public difference: local scaling of the bit

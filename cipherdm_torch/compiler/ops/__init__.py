@@ -19,7 +19,8 @@ A new op goes into the module of its kind with ``@register(aten.<op>.<overload>,
 
 from .registry import (REGISTRY, OpImpl, any_secret, is_secret, lift, local, lookup, nonlinear,
                        register, supported_ops, wrap)
-from . import attention, elementwise, linear, nonlinearities, pooling, shape  # noqa: F401,E402  (they register)
+# importing a kind registers its ops
+from . import attention, elementwise, linear, nonlinearities, pooling, shape  # noqa: F401
 
 __all__ = ["OpImpl", "REGISTRY", "register", "lookup", "supported_ops", "is_secret", "any_secret",
            "lift", "local", "nonlinear", "wrap"]

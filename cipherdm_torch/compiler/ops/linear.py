@@ -5,14 +5,16 @@ Each costs one multiplication (one round on either backend) plus the truncation.
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
-from .registry import is_secret, lift, local, register
+from .registry import Secret, is_secret, lift, local, register
 
 aten = torch.ops.aten
 
 
-def mm(a, b):
+def mm(a: Union[Secret, torch.Tensor], b: Union[Secret, torch.Tensor]) -> Secret:
     """a @ b where at least one side is secret."""
     if is_secret(a):
         return a.matmul(b)

@@ -26,7 +26,7 @@ divisor's reciprocal), so the per-op breakdown shows them too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -38,54 +38,59 @@ __all__ = ["OpImpl", "REGISTRY", "register", "lookup", "supported_ops", "is_secr
            "lift", "local", "nonlinear", "wrap"]
 
 
+Check = Callable[[torch.fx.Node], Optional[str]]  # the reason a node is unsupported, or None
+Secret = crypten.CrypTensor
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
 @dataclass(frozen=True)
 class OpImpl:
     """How one ATen op runs when at least one input is secret."""
 
     fn: Callable[..., Any]
     kind: str  # cost-meter region (op type) its communication is attributed to
-    check: Optional[Callable[[torch.fx.Node], Optional[str]]] = None  # reason if unsupported
+    check: Optional[Check] = None  # rejects argument combinations we do not support
 
 
 REGISTRY: Dict[Any, OpImpl] = {}
 
 
-def register(*targets, kind: str, check=None):
+def register(*targets: Any, kind: str, check: Optional[Check] = None) -> Callable[[_Fn], _Fn]:
     """Decorator: register ``fn`` for every ATen op overload (or python callable) in ``targets``."""
-    def deco(fn):
+    def deco(fn: _Fn) -> _Fn:
         for t in targets:
             REGISTRY[t] = OpImpl(fn, kind, check)
         return fn
     return deco
 
 
-def lookup(target) -> Optional[OpImpl]:
+def lookup(target: Any) -> Optional[OpImpl]:
     return REGISTRY.get(target)
 
 
-def supported_ops() -> list:
+def supported_ops() -> List[str]:
     """Names of every registered op (for documentation and reports)."""
     return sorted(str(t) for t in REGISTRY)
 
 
 # ------------------------------------------------------------------ share helpers
 
-def is_secret(x) -> bool:
+def is_secret(x: Any) -> bool:
     return isinstance(x, crypten.CrypTensor)
 
 
-def any_secret(*args, **kwargs) -> bool:
+def any_secret(*args: Any, **kwargs: Any) -> bool:
     return any(is_secret(v) for v in tree_leaves((args, kwargs)))
 
 
-def lift(x):
+def lift(x: Union[Secret, torch.Tensor, float]) -> Secret:
     """A public tensor as a (trivial) sharing: pseudo-random zero shares, no communication."""
     if is_secret(x):
         return x
     return crypten.cryptensor(torch.as_tensor(x, dtype=torch.float32), src=0)
 
 
-def local(x, fn: Callable[[torch.Tensor], torch.Tensor]):
+def local(x: Secret, fn: Callable[[torch.Tensor], torch.Tensor]) -> Secret:
     """Apply a share-wise linear op (view, permute, index, ...) to every share locally.
 
     The op is reported to the backend's share-wise observers
@@ -98,7 +103,7 @@ def local(x, fn: Callable[[torch.Tensor], torch.Tensor]):
     return wrap(x, share)
 
 
-def wrap(template, share: torch.Tensor):
+def wrap(template: Secret, share: torch.Tensor) -> Secret:
     """A new secret tensor with ``template``'s encoding holding ``share`` (no copy of template).
 
     (CrypTen's ``shallow_copy`` shares the inner share object, so assigning to it would
@@ -113,7 +118,8 @@ def wrap(template, share: torch.Tensor):
 def nonlinear(name: str) -> Callable[..., Any]:
     """The configured implementation of nonlinear function ``name`` (``"silu"``, ``"softmax"``,
     ``"group_norm"``, ...): :mod:`cipherdm_torch.protocols.functions`, which follows
-    ``protocols.config.use(...)`` (CrypTen's method for ``"baseline"``, ours for ``"optimised"``)."""
+    ``protocols.config.use(...)`` (CrypTen's method for ``"baseline"``, ours for
+    ``"optimised"``)."""
     if name not in functions.__all__:
         raise KeyError(f"no nonlinear function {name!r} in cipherdm_torch.protocols.functions; "
                        f"known: {functions.__all__}")

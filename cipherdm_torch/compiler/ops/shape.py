@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from cipherdm_torch.protocols import sharewise
 
-from .registry import lift, local, register, wrap
+from .registry import Secret, lift, local, register, wrap
 
 aten = torch.ops.aten
 
@@ -87,7 +87,7 @@ def _join_op(aten_op):
     def run(tensors, *args, **kwargs):
         tensors = [lift(t) for t in tensors]
         template = tensors[0]
-        # rescale public pieces lifted with a different encoder (never the case with defaults)
+        # every piece has the encoder in force (lift encodes public ones with it): join shares
         share = aten_op([t.share for t in tensors], *args, **kwargs)
         sharewise.notify_local_op([t.share for t in tensors], share,
                                   lambda shares: aten_op(shares, *args, **kwargs))
@@ -114,7 +114,7 @@ def _pad_value_mask(x, pad, value):
 
 
 @register(aten.constant_pad_nd.default, kind="shape", check=_pad_check)
-def constant_pad(x, pad, value=0):
+def constant_pad(x: Union[Secret, torch.Tensor], pad: Sequence[int], value: float = 0) -> Secret:
     """``x`` (secret or public) padded with the public constant ``value`` (local)."""
     x = lift(x)
     out = local(x, lambda s: aten.constant_pad_nd(s, list(pad), 0))
