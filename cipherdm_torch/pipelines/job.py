@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import List
@@ -38,7 +37,6 @@ from cipherdm_torch.pipelines.secure import (SecureDDIMPipeline, SecureDDPMPipel
                                              SecureEDMPipeline, plaintext_edm_sample,
                                              plaintext_scheduler_sample)
 from cipherdm_torch.protocols import config as pconfig
-from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 __all__ = ["SampleSpec", "EMBEDDED_MODEL", "SAMPLERS", "embedded_model_dir", "load_model",
            "check_weights", "run_job", "summary", "plaintext_twin", "write_samples"]
@@ -173,13 +171,12 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
     p = party()
     if spec.link not in ("", "loopback"):
         netsim.activate(spec.link)
-    backend = rss_backend.replicated_backend() if spec.backend == "rss" else nullcontext()
     model, kind = load_model(spec.model, with_weights=p.is_owner, ema=spec.ema)
     shape = image_shape(model)
     n = n_images
     user = dict(seed=seed if p.is_user else None, class_labels=labels if p.is_user else None)
     t0 = time.perf_counter()
-    with backend, pconfig.use(spec.protocols):
+    with pconfig.use(spec.protocols, backend=spec.backend):
         if kind == "dpdm":
             guided = model.num_classes > 0 and spec.guidance != 1.0
             rows = 2 * n if guided else n

@@ -4,12 +4,12 @@ How it hooks in (no CrypTen code copied, nothing in CrypTen edited):
 
 * CrypTen's ``ArithmeticSharedTensor`` looks its bilinear protocol up by the name
   in ``crypten.cfg.mpc.protocol`` among its module globals (``"beaver"``,
-  ``"replicated"``). :func:`install` registers :mod:`.rss_arith` there under the
+  ``"replicated"``). :func:`install` registers :mod:`.arith` there under the
   name ``"rss"``; with ``cfg.mpc.protocol == "rss"`` every ``x * y``, ``x @ y``,
   ``conv*``, ``square`` and fixed-point truncation runs on replicated shares.
 * ``MPCTensor._ltz`` (behind ``<``, ``>``, ``>=``, ``<=``, ``==``, ``sign``,
   ``abs``, ``max``, ``argmax``, ``where``-style selections) and ``MPCTensor.relu``
-  are wrapped: when ``"rss"`` is selected they dispatch to :mod:`.rss_compare`,
+  are wrapped: when ``"rss"`` is selected they dispatch to :mod:`.compare`,
   otherwise to CrypTen's originals.
 * ``MPCTensor.rand`` (used by ``max`` / ``argmax`` to break ties) draws replicated
   random bits from the pairwise PRGs and injects them (no B2A triples).
@@ -22,12 +22,12 @@ How it hooks in (no CrypTen code copied, nothing in CrypTen edited):
   CrypTen runs on party 0 only for a public operand, drop the replica on every party.
 
 Party-independent communication (issue 13): whether an op re-shares is decided only by
-:func:`.rss_arith.cached_next` (replica attached to this tensor object, not modified in
+:func:`.arith.cached_next` (replica attached to this tensor object, not modified in
 place since). Every wrapper above attaches a replica exactly when all of its inputs had
 one and the shapes agree: facts that are the same on every party, never the memory
 layout, strides or a view's base. So every party takes the same decision, and a
 diffusers attention UNet no longer desynchronises the parties (see the "Replica rule"
-in :mod:`.rss_arith`).
+in :mod:`.arith`).
 
 CrypTen's own protocols stay the default and the baseline: the patches only act
 when ``cfg.mpc.protocol == "rss"``. Select the backend with::
