@@ -29,6 +29,7 @@ from opacus.validators import ModuleValidator
 from cipherdm_torch.diffusion.denoiser import Denoiser
 from cipherdm_torch.errors import UserError
 from cipherdm_torch.training.loss import Rows, per_example_loss
+from cipherdm_torch.training.opacus_compat import clone_in_place_outputs
 
 __all__ = ["DPSGDEngine", "poisson_sample", "collapse_grad_samples", "check_no_example_mixing",
            "GRAD_SAMPLE_MODES"]
@@ -121,6 +122,9 @@ class DPSGDEngine:
             for m in denoiser.modules():
                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                     self._hooks.append(m.register_forward_pre_hook(_contiguous_pre_hook))
+        # diffusers' Skip up blocks add into conv_out's output in place, which Opacus' full
+        # backward hooks forbid: hand the model a clone of it (training/opacus_compat.py)
+        self._hooks.append(clone_in_place_outputs(denoiser))
         self.gsm = GradSampleModule(
             denoiser,
             batch_first=True,

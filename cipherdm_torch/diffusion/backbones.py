@@ -289,15 +289,33 @@ def make_diffusers_unet(
     attention_head_dim: int = 8,
     norm_num_groups: Optional[int] = None,
     dropout: float = 0.0,
+    down_block_types: Optional[Sequence[str]] = None,
+    up_block_types: Optional[Sequence[str]] = None,
 ) -> DiffusersBackbone:
-    """A class-conditional diffusers ``UNet2DModel`` wrapped as a backbone."""
+    """A class-conditional diffusers ``UNet2DModel`` wrapped as a backbone.
+
+    Block types default to ``DownBlock2D`` / ``UpBlock2D``, with the ``Attn`` variants on the levels
+    marked in ``attention_levels``; ``down_block_types`` / ``up_block_types`` (one per level, up
+    blocks from the lowest resolution up) override them, e.g. with diffusers' ``SkipDownBlock2D``,
+    ``AttnSkipDownBlock2D``, ``SkipUpBlock2D``, ``AttnSkipUpBlock2D`` (NCSN++-style output skips;
+    DP-SGD trains them through ``training/opacus_compat.py``). diffusers' Skip blocks hard-code 3
+    image channels and a chain of skip samples (:func:`_check_skip_blocks` says so before building);
+    AttnSkip blocks hard-code 32 norm groups (channels a multiple of 32, diffusers checks that).
+    """
     block_out_channels = tuple(int(c) for c in block_out_channels)
     attention_levels = tuple(bool(a) for a in attention_levels)
     if len(attention_levels) != len(block_out_channels):
         raise ValueError("attention_levels must have one entry per level")
     groups = norm_num_groups or min(group_count(c) for c in block_out_channels)
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+    down = tuple(down_block_types) if down_block_types is not None else tuple(
+        "AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
+    up = tuple(up_block_types) if up_block_types is not None else tuple(
+        "AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+    for name, types in (("down_block_types", down), ("up_block_types", up)):
+        if len(types) != len(block_out_channels):
+            raise ValueError(f"{name} must have one entry per level ({len(block_out_channels)}), "
+                             f"got {len(types)}")
+    _check_skip_blocks(down, up, in_channels, out_channels)
     unet = UNet2DModel(
         sample_size=img_resolution,
         in_channels=in_channels,
@@ -312,6 +330,36 @@ def make_diffusers_unet(
         num_class_embeds=(num_classes + 1) if num_classes > 0 else None,
     )
     return DiffusersBackbone(unet, num_classes)
+
+
+def _check_skip_blocks(down: Sequence[str], up: Sequence[str], in_channels: int,
+                       out_channels: int) -> None:
+    """Refuse block layouts that diffusers builds but cannot run (a shape error at the first call).
+
+    Skip down blocks carry a downsampled copy of the input image (their ``skip_conv`` takes 3
+    channels), so every downsampling level up to the last Skip down block must be a Skip block;
+    Skip up blocks build a 3-channel skip image that is added to the output at the end, so every up
+    block after the first Skip one must be a Skip block too (they upsample the skip image).
+    """
+    # the last block of each path neither resamples nor (up) adds a skip image of its own
+    skip_down = [i for i, t in enumerate(down[:-1]) if "Skip" in t]
+    skip_up = [i for i, t in enumerate(up[:-1]) if "Skip" in t]
+    if skip_down:
+        if in_channels != 3:
+            raise ValueError(
+                f"diffusers' Skip down blocks need 3 input channels, got {in_channels}")
+        if skip_down != list(range(skip_down[-1] + 1)):
+            raise ValueError(f"down_block_types {tuple(down)}: every level before a downsampling "
+                             "Skip down block must be a Skip block too (diffusers downsamples the "
+                             "skip image only in Skip blocks)")
+    if skip_up:
+        if out_channels != 3:
+            raise ValueError(
+                f"diffusers' Skip up blocks need 3 output channels, got {out_channels}")
+        if not all("Skip" in t for t in up[skip_up[0]:]):
+            raise ValueError(f"up_block_types {tuple(up)}: every up block after the first Skip up "
+                             "block must be a Skip block too (diffusers upsamples the skip image "
+                             "only in Skip blocks)")
 
 
 def image_shape(model: nn.Module) -> Optional[Tuple[int, int, int]]:
