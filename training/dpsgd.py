@@ -28,6 +28,7 @@ from opacus.validators import ModuleValidator
 
 from cipherdm_torch.diffusion.denoiser import Denoiser
 from cipherdm_torch.errors import UserError
+from cipherdm_torch.training.distributed import World, WorldDPOptimizer
 from cipherdm_torch.training.loss import Rows, per_example_loss
 from cipherdm_torch.training.opacus_compat import clone_in_place_outputs
 
@@ -89,6 +90,8 @@ class DPSGDEngine:
     Opacus' ``DPOptimizer``. ``grad_sample_mode``: ``"hooks"`` (Opacus' per-layer samplers; conv
     inputs forced contiguous) or ``"functorch"`` (Opacus' vmap-based per-layer samplers).
     ``noise_multiplier=0`` and ``max_grad_norm=inf`` give non-private (but per-example) steps.
+    ``world`` (torchrun, :mod:`.distributed`): ``step`` takes this rank's part of the logical batch;
+    ``expected_batch_size`` stays the global one and ``noise_generator`` is used on rank 0 only.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class DPSGDEngine:
         label_dropout: float = 0.1,
         pixel_reduction: str = "sum",
         noise_generator: Optional[torch.Generator] = None,
+        world: Optional[World] = None,
     ):
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
@@ -132,7 +136,10 @@ class DPSGDEngine:
             force_functorch=(grad_sample_mode == "functorch"),
         )
         self.params = [p for p in denoiser.parameters() if p.requires_grad]
-        self.optimizer = DPOptimizer(
+        # data-parallel (torchrun): clipped sums all-reduced, noise added by rank 0 only, divided by
+        # the global expected batch (training/distributed.py)
+        dp_optimizer = WorldDPOptimizer if world is not None and world.distributed else DPOptimizer
+        self.optimizer = dp_optimizer(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,

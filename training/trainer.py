@@ -16,6 +16,11 @@ Output folder layout::
     <output_dir>/checkpoint-0000500/        a denoiser checkpoint (backbone/, backbone_ema/,
                                             denoiser.json: cipherdm_torch.diffusion.checkpoints),
                                             trainer_state.pt, ledger.json (snapshot), samples.png
+
+Data-parallel training: under ``torchrun --nproc-per-node=N`` (WORLD_SIZE > 1) each process takes
+its part of every Poisson batch; rank 0 alone samples, adds the noise and writes the ledger, the
+config and the checkpoints (:mod:`cipherdm_torch.training.distributed`). Outside torchrun (or with
+one process) nothing changes.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from cipherdm_torch.diffusion.sampling import sample as sample_images
 from cipherdm_torch.errors import UserError
 from cipherdm_torch.files import atomic_write_json, read_json
 from cipherdm_torch.training.accounting import noise_multiplier_for
+from cipherdm_torch.training.distributed import (World, all_reduce_mean, broadcast_module,
+                                                 broadcast_object, check_ranks_agree, close_world,
+                                                 init_world, rank_slice, resolve_device)
 from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
 from cipherdm_torch.training.ledger import LEDGER_FILE, BudgetExceeded, LedgerError, PrivacyLedger
 
@@ -105,6 +113,7 @@ class TrainConfig:
     seed: int = 0  # model init and diffusion noise draws
     dp_seed: Optional[int] = None  # Poisson sampling and DP noise; None: fresh OS randomness
     threads: Optional[int] = None
+    device: str = "cpu"  # "cpu", "cuda" (under torchrun: GPU LOCAL_RANK) or "auto"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -154,6 +163,8 @@ def validate_config(cfg: TrainConfig) -> None:
     finite("guidance", lambda v: True, "a finite number")
     if cfg.accountant not in ("rdp", "prv"):
         raise UserError(f"accountant must be rdp or prv, got {cfg.accountant!r}")
+    if cfg.device not in ("cpu", "cuda", "auto"):
+        raise UserError(f"device must be cpu, cuda or auto, got {cfg.device!r}")
 
 
 def derive_dp_seed(dp_seed: int, ledger_steps: int) -> int:
@@ -168,6 +179,20 @@ def derive_dp_seed(dp_seed: int, ledger_steps: int) -> int:
         return int(dp_seed)
     digest = hashlib.sha256(f"cipherdm-dp-seed:{int(dp_seed)}:{int(ledger_steps)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2
+
+
+def _stream_seed(*parts) -> int:
+    """A 62-bit seed derived from ``parts`` (independent streams from one seed)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
+def _weights_digest(*modules: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- model I/O
@@ -243,12 +268,18 @@ class DPDMTrainer:
     """
 
     def __init__(self, config: TrainConfig, dataset: Optional[ImageDataset] = None,
-                 denoiser: Optional[Denoiser] = None, resume: bool = False):
+                 denoiser: Optional[Denoiser] = None, resume: bool = False,
+                 world: Optional[World] = None):
         cfg = copy.deepcopy(config)
         validate_config(cfg)
         self.config = cfg
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        # torchrun's world (process group from its environment), or one process
+        self.world = world if world is not None else init_world("cuda" if cuda else "cpu")
+        self.device = resolve_device(cfg.device, self.world)
+        main = self.world.is_main
         self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
         if cfg.max_train_examples and cfg.max_train_examples < len(self.dataset):
             self.dataset = self.dataset.subset(cfg.max_train_examples, seed=cfg.seed)
@@ -292,38 +323,67 @@ class DPDMTrainer:
         torch.manual_seed(cfg.seed)
         self.denoiser = denoiser if denoiser is not None else build_denoiser(
             cfg, self.dataset.shape, self.dataset.num_classes)
+        self.denoiser.to(self.device)
         self.ema = copy.deepcopy(self.denoiser).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # diffusion noise, label dropout
-        dp_seed = (derive_dp_seed(cfg.dp_seed, self.ledger.steps) if cfg.dp_seed is not None
-                   else secrets.randbits(62))
-        self.dp_gen = torch.Generator().manual_seed(dp_seed)  # Poisson sampling and DP noise
+        # diffusion noise, label dropout
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        # Poisson sampling and DP noise: rank 0 only (the other ranks receive the sampled indices
+        # and never hold the noise seed)
+        self.dp_gen = noise_gen = None
+        if main:
+            dp_seed = (derive_dp_seed(cfg.dp_seed, self.ledger.steps) if cfg.dp_seed is not None
+                       else secrets.randbits(62))
+            self.dp_gen = torch.Generator().manual_seed(dp_seed)
+            noise_gen = self.dp_gen if self.device.type == "cpu" else torch.Generator(
+                device=self.device).manual_seed(_stream_seed("cipherdm-dp-noise", dp_seed))
         base_opt = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.lr)
         self.step_count = 0  # optimiser steps contained in the current weights
         if resume and self.ledger.checkpoint:
             self._load_checkpoint(os.path.join(cfg.output_dir, self.ledger.checkpoint), base_opt)
+        if self.world.distributed:
+            # same weights on every rank (rank 0's); each rank its own diffusion-noise stream
+            broadcast_module(self.world, self.denoiser)
+            broadcast_module(self.world, self.ema)
+            if self.world.rank > 0:
+                self.gen.manual_seed(_stream_seed("cipherdm-diffusion-noise", cfg.seed,
+                                                  self.world.rank, self.step_count))
         self.engine = DPSGDEngine(
             self.denoiser, base_opt, noise_multiplier=cfg.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm, expected_batch_size=self.sample_rate * n,
             k=cfg.noise_multiplicity, max_physical_batch=cfg.max_physical_batch,
             grad_sample_mode=cfg.grad_sample_mode, label_dropout=cfg.label_dropout,
-            pixel_reduction=cfg.pixel_reduction, noise_generator=self.dp_gen,
+            pixel_reduction=cfg.pixel_reduction, noise_generator=noise_gen, world=self.world,
         )
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        atomic_write_json(os.path.join(cfg.output_dir, "train_config.json"), cfg.to_dict())
+        self._steps_left = None
+        if self.world.distributed:
+            # before rank 0 writes anything: every rank has passed its checks, and all agree
+            check_ranks_agree(self.world, {
+                "dataset": self.fingerprint, "sample_rate": self.sample_rate,
+                "total_steps": self.total_steps, "noise_multiplier": cfg.noise_multiplier,
+                "ledger_steps": self.ledger.steps, "ledger_history": self.ledger.history,
+                "checkpoint": self.ledger.checkpoint, "step_count": self.step_count,
+                "steps_left": self.steps_left_in_budget(), "device_type": self.device.type,
+            }, "the run's state")
         self.ledger.notes.update({
             "noise_multiplier": cfg.noise_multiplier, "sample_rate": self.sample_rate,
             "planned_steps": self.total_steps, "parameters": count_parameters(self.denoiser),
             "backbone": cfg.backbone, "precond": cfg.precond,
         })
-        self.ledger.save(ledger_path)
+        if self.world.distributed:
+            self.ledger.notes["world_size"] = self.world.size
+        else:
+            self.ledger.notes.pop("world_size", None)
+        if main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            atomic_write_json(os.path.join(cfg.output_dir, "train_config.json"), cfg.to_dict())
+            self.ledger.save(ledger_path)
         self.last_loss = float("nan")
-        self._steps_left = None
 
     @classmethod
     def resume(cls, output_dir: str, dataset: Optional[ImageDataset] = None,
-               **overrides) -> "DPDMTrainer":
+               world: Optional[World] = None, **overrides) -> "DPDMTrainer":
         """Continue the run in ``output_dir`` (config from its train_config.json)."""
         path = os.path.join(output_dir, "train_config.json")
         if not os.path.exists(path):
@@ -339,7 +399,11 @@ class DPDMTrainer:
                   "in a new folder")
         d.update(overrides)
         d["output_dir"] = output_dir
-        return cls(TrainConfig.from_dict(d), dataset=dataset, resume=True)
+        return cls(TrainConfig.from_dict(d), dataset=dataset, resume=True, world=world)
+
+    def close(self) -> None:
+        """End data-parallel training: destroy the process group if this process created it."""
+        close_world()
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -367,13 +431,24 @@ class DPDMTrainer:
         if self.steps_left_in_budget() < 1:
             raise BudgetExceeded(
                 f"one more step would exceed epsilon {cfg.epsilon} (spent {self.epsilon_spent:.4f})")
-        self.ledger.record_steps(cfg.noise_multiplier, self.sample_rate, 1, update_epsilon=True)
-        self.ledger.save(self.ledger_path)
+        main = self.world.is_main
+        # every rank keeps the same ledger in memory; rank 0 writes it before any noise exists
+        self.ledger.record_steps(cfg.noise_multiplier, self.sample_rate, 1, update_epsilon=main)
+        if main:
+            self.ledger.save(self.ledger_path)
         self._steps_left -= 1
-        idx = poisson_sample(len(self.dataset), self.sample_rate, generator=self.dp_gen)
-        x0 = self.dataset.float_images(idx)
-        labels = self.dataset.labels[idx] if self.denoiser.num_classes > 0 else None
+        idx = None
+        if main:
+            idx = poisson_sample(len(self.dataset), self.sample_rate, generator=self.dp_gen)
+        if self.world.distributed:  # the global batch from rank 0; this rank's slice of it
+            idx = rank_slice(broadcast_object(self.world, idx), self.world)
+        x0 = self.dataset.float_images(idx).to(self.device)
+        labels = (self.dataset.labels[idx].to(self.device) if self.denoiser.num_classes > 0
+                  else None)
         loss = self.engine.step(x0, labels, generator=self.gen)
+        if self.world.distributed:  # mean over the global batch
+            b = int(idx.numel())
+            loss = all_reduce_mean(self.world, loss * b if b else 0.0, b, self.device)
         self._update_ema()
         self.step_count += 1
         self.last_loss = loss
@@ -389,7 +464,7 @@ class DPDMTrainer:
         stopped_by_budget = allowed < todo
         todo = max(0, min(todo, allowed))
         bar = None
-        if progress:
+        if progress and self.world.is_main:
             bar = tqdm(total=self.total_steps, initial=self.step_count, desc="DP-SGD", unit="step")
         loss_avg = None
         for _ in range(todo):
@@ -407,7 +482,8 @@ class DPDMTrainer:
             self.save_checkpoint()
         self.ledger.epsilon_spent = self.ledger.compute_epsilon()
         self.ledger.notes["stopped_by_budget"] = bool(stopped_by_budget)
-        self.ledger.save(self.ledger_path)
+        if self.world.is_main:
+            self.ledger.save(self.ledger_path)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_avg:.3f}" if loss_avg else "-", eps=f"{self.epsilon_spent:.3f}")
             bar.close()
@@ -415,14 +491,31 @@ class DPDMTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
+        """Write a checkpoint (rank 0; every rank must call it at the same step)."""
         cfg = self.config
         name = f"checkpoint-{self.step_count:07d}"
         final = os.path.join(cfg.output_dir, name)
+        if self.world.distributed:
+            check_ranks_agree(self.world, {"step": self.step_count,
+                                           "weights": _weights_digest(self.denoiser, self.ema)},
+                              "the weights")
+        if self.world.is_main:
+            self._write_checkpoint(name, final)
+        else:
+            self.ledger.epsilon_spent = self.ledger.compute_epsilon()
+            self.ledger.checkpoint, self.ledger.checkpoint_step = name, self.step_count
+        return final
+
+    def _write_checkpoint(self, name: str, final: str) -> None:
+        cfg = self.config
         tmp = os.path.join(cfg.output_dir, f".tmp-{name}-{os.getpid()}")
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        self.denoiser.save_pretrained(tmp, ema=self.ema)
+        cpu = self.device.type == "cpu"
+        den = self.denoiser if cpu else copy.deepcopy(self.denoiser).cpu()
+        ema = self.ema if cpu else copy.deepcopy(self.ema).cpu()
+        den.save_pretrained(tmp, ema=ema)
         state = {
             "step": self.step_count,
             "optimizer": self.engine.optimizer.original_optimizer.state_dict(),
@@ -434,7 +527,7 @@ class DPDMTrainer:
             try:
                 labels = torch.arange(100) % max(1, self.denoiser.num_classes) \
                     if self.denoiser.num_classes > 0 else None
-                imgs = sample_images(self.ema, labels=labels, num_samples=100,
+                imgs = sample_images(ema, labels=labels, num_samples=100,
                                      num_steps=cfg.sample_steps, guidance=cfg.guidance,
                                      generator=torch.Generator().manual_seed(1234))
                 save_image_grid(imgs, os.path.join(tmp, "samples.png"))
@@ -449,7 +542,6 @@ class DPDMTrainer:
         self.ledger.checkpoint, self.ledger.checkpoint_step = name, self.step_count
         self.ledger.save(self.ledger_path)
         self._prune_checkpoints()
-        return final
 
     def _prune_checkpoints(self):
         keep = max(1, self.config.keep_checkpoints)
@@ -463,10 +555,15 @@ class DPDMTrainer:
             raise LedgerError(f"ledger points to missing checkpoint {folder}")
         self.denoiser.load_state_dict(load_denoiser(folder, ema=False).state_dict())
         self.ema.load_state_dict(load_denoiser(folder, ema=True).state_dict())
-        state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu",
+                           weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["gen_state"])
         self.step_count = int(state["step"])
+        try:
+            self.gen.set_state(state["gen_state"])
+        except (RuntimeError, TypeError, ValueError):  # saved from a generator on another device
+            self.gen.manual_seed(_stream_seed("cipherdm-diffusion-noise", self.config.seed, 0,
+                                              self.step_count))
 
     # -- sampling ---------------------------------------------------------------------------
     def sample(self, labels: Optional[Sequence[int]] = None, num_samples: int = 16,
@@ -474,6 +571,8 @@ class DPDMTrainer:
                use_ema: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Images in [-1, 1] from the EMA (or raw) weights; guidance defaults to the config's."""
         den = self.ema if use_ema else self.denoiser
+        if self.device.type != "cpu":  # the samplers' noise and labels live on the CPU
+            den = copy.deepcopy(den).cpu()
         return sample_images(den, labels=labels, num_samples=num_samples, method=method,
                              num_steps=num_steps,
                              guidance=self.config.guidance if guidance is None else guidance,

@@ -2,6 +2,13 @@
 
 A progress bar shows step, loss and epsilon spent; ``--resume DIR`` continues a run from its last
 checkpoint with the same privacy ledger (options the ledger fixes are refused, not ignored).
+
+Data-parallel on several GPUs (or CPU processes), one process each, started by torchrun:
+
+  torchrun --nproc-per-node=8 -m cipherdm_torch train --device cuda --out runs/m ...
+
+Every process takes its part of each Poisson batch; rank 0 adds the noise once per step and alone
+writes the ledger and checkpoints; --batch-size stays the global expected batch.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="seed of the Poisson sampling and DP noise (default: fresh OS randomness; "
                         "for reproducible tests only)")
     g.add_argument("--threads", type=positive_int, default=None)
+    g.add_argument("--device", choices=["cpu", "cuda", "auto"], default=d.device,
+                   help="cpu, cuda (under torchrun: GPU LOCAL_RANK) or auto (CUDA if available)")
     g.add_argument("--max-steps", type=nonnegative_int, default=None,
                    help="stop after this many steps in this invocation (resume later)")
     g.add_argument("--no-progress", action="store_true")
@@ -129,17 +138,29 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
                             f"run with --resume {given['output_dir']}, or choose a new --out "
                             "folder (a ledger is never overwritten)")
         trainer = DPDMTrainer(TrainConfig(**given))
+    try:
+        return _train(trainer, args)
+    finally:
+        trainer.close()
+
+
+def _train(trainer: DPDMTrainer, args: argparse.Namespace) -> int:
     cfg = trainer.config
-    print(f"data {trainer.dataset.name}: {len(trainer.dataset)} images; q = {trainer.sample_rate:.5f}, "
-          f"sigma = {cfg.noise_multiplier:.4f} for eps {cfg.epsilon} at delta {cfg.delta} "
-          f"({cfg.accountant}), {trainer.total_steps} steps, K = {cfg.noise_multiplicity}, "
-          f"C = {cfg.max_grad_norm}; model {trainer.ledger.notes['parameters']:,} parameters",
-          file=sys.stderr)
+    main = trainer.world.is_main
+    world = (f"; {trainer.world.size} processes on {trainer.device.type}"
+             if trainer.world.distributed else "")
+    if main:
+        print(f"data {trainer.dataset.name}: {len(trainer.dataset)} images; "
+              f"q = {trainer.sample_rate:.5f}, sigma = {cfg.noise_multiplier:.4f} for eps "
+              f"{cfg.epsilon} at delta {cfg.delta} ({cfg.accountant}), {trainer.total_steps} "
+              f"steps, K = {cfg.noise_multiplicity}, C = {cfg.max_grad_norm}; model "
+              f"{trainer.ledger.notes['parameters']:,} parameters{world}", file=sys.stderr)
     led = trainer.train(progress=not args.no_progress, max_steps=args.max_steps)
-    print(json.dumps({"output_dir": cfg.output_dir, "steps": led.steps,
-                      "epsilon_spent": round(led.epsilon_spent, 5), "delta": led.delta,
-                      "checkpoint": led.checkpoint,
-                      "stopped_by_budget": led.notes.get("stopped_by_budget")}))
+    if main:
+        print(json.dumps({"output_dir": cfg.output_dir, "steps": led.steps,
+                          "epsilon_spent": round(led.epsilon_spent, 5), "delta": led.delta,
+                          "checkpoint": led.checkpoint,
+                          "stopped_by_budget": led.notes.get("stopped_by_budget")}))
     return 0
 
 
