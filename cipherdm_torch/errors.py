@@ -32,7 +32,7 @@ class UserError(ValueError):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one :class:`UserError` line (exit 2)."""
 
-    def error(self, message):  # argparse's own: usage + message on two lines
+    def error(self, message: str) -> None:  # argparse's own: usage + message on two lines
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 

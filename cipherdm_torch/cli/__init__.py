@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from cipherdm_torch.errors import DEBUG_FLAG, ArgumentParser, UserError, run_main
 
@@ -20,7 +20,7 @@ COMMANDS = ("demo", "sample", "train", "account", "eval", "bench", "keys")
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 
-def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
     """The ``cipherdm`` parser with a subparser for each of ``commands``."""
     parser = ArgumentParser(prog="cipherdm", allow_abbrev=False,
                             description="Private diffusion models: DP-SGD training and "

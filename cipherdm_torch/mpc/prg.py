@@ -17,7 +17,7 @@ Naming follows CrypTen: on party ``i``, ``"next"`` is the stream shared with par
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -51,13 +51,13 @@ class KeyStream:
         self.drawn += n
         return out[:n]
 
-    def ring(self, size, device=None) -> torch.Tensor:
+    def ring(self, size: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
         """Uniform elements of Z_2^64 (int64) of shape ``size``."""
         size = torch.Size(size)
         out = self.bytes(8 * size.numel()).view(torch.int64).reshape(size)
         return out if device is None or torch.device(device).type == "cpu" else out.to(device)
 
-    def bits(self, size, device=None) -> torch.Tensor:
+    def bits(self, size: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
         """Uniform 0/1 values (uint8) of shape ``size``: 8 per keystream byte."""
         size = torch.Size(size)
         n = size.numel()
@@ -112,7 +112,8 @@ def local_bytes(n: int) -> torch.Tensor:
         torch.empty(0, dtype=torch.uint8)
 
 
-def local_ring(size, device=None, bits: Optional[int] = None) -> torch.Tensor:
+def local_ring(size: Sequence[int], device: Optional[torch.device] = None,
+               bits: Optional[int] = None) -> torch.Tensor:
     """Uniform int64 ring elements (or ``bits``-bit non-negative values) from the OS CSPRNG."""
     size = torch.Size(size)
     out = local_bytes(8 * size.numel()).view(torch.int64).reshape(size)

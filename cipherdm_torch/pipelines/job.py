@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
-from typing import List
+from typing import List, Tuple
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -65,7 +65,7 @@ class SampleSpec:
     ema: bool = True
 
 
-def load_model(folder: str, with_weights: bool, ema: bool = True):
+def load_model(folder: str, with_weights: bool, ema: bool = True) -> Tuple[torch.nn.Module, str]:
     """(model, kind): a DPDM ``Denoiser`` ("dpdm") or a diffusers ``UNet2DModel`` ("unet2d").
 
     ``with_weights=False`` builds the architecture from the config files only.
@@ -122,7 +122,7 @@ def _safetensors_header(path: str) -> dict:
     return shapes
 
 
-def check_weights(folder: str, kind: str, model, ema: bool = True) -> None:
+def check_weights(folder: str, kind: str, model: torch.nn.Module, ema: bool = True) -> None:
     """Before any party starts: the owner's weights file is whole and its tensors have the names
     and shapes of the architecture that the other parties build from the config."""
     sub = _weights_folder(folder, kind, ema)

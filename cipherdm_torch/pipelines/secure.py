@@ -12,7 +12,7 @@ parties get ``images=None``. Timesteps and scheduler coefficients are public.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -38,13 +38,13 @@ class SecureSampleOutput:
         return {**self.cost.as_dict(), "steps": self.steps}
 
 
-def model_image_shape(unet) -> Optional[tuple]:
+def model_image_shape(unet: Any) -> Optional[tuple]:
     """(channels, height, width) of a model's samples from its config; ``unet`` may be an
     :class:`~cipherdm_torch.compiler.EncryptedModule` (read through the model it wraps)."""
     return model_sample_shape(getattr(unet, "_model", unet))
 
 
-def model_output(out):
+def model_output(out: Any) -> Any:
     """The sample tensor of a model's output (diffusers output classes, tuples or a tensor)."""
     if hasattr(out, "sample"):
         return out.sample
@@ -141,7 +141,7 @@ class SecureEDMPipeline(_SecurePipeline):
     class labels); ``precond`` gives the public coefficients (``precond.coefficients(sigma)``).
     """
 
-    def __init__(self, backbone, precond, num_classes: int = 0, label_input: str = "class_labels",
+    def __init__(self, backbone: Any, precond: Any, num_classes: int = 0, label_input: str = "class_labels",
                  sample_input: str = "x", noise_input: str = "noise_labels"):
         super().__init__(backbone, label_input)
         self.precond, self.num_classes = precond, num_classes
@@ -181,9 +181,10 @@ class SecureEDMPipeline(_SecurePipeline):
 
 # ---------------------------------------------------------------- plaintext twins (fidelity checks)
 @torch.no_grad()
-def plaintext_scheduler_sample(unet, scheduler, batch_size: int = 1,
-                               num_inference_steps: int = 50, image_shape=None,
-                               seed: int = 0, class_labels=None, eta: float = 0.0,
+def plaintext_scheduler_sample(unet: torch.nn.Module, scheduler: Any, batch_size: int = 1,
+                               num_inference_steps: int = 50,
+                               image_shape: Optional[Sequence[int]] = None, seed: int = 0,
+                               class_labels: Optional[Sequence[int]] = None, eta: float = 0.0,
                                ddpm: bool = False) -> torch.Tensor:
     """What the secure DDPM / DDIM pipeline computes, in plaintext with the same noise draws."""
     if image_shape is None:
@@ -198,8 +199,10 @@ def plaintext_scheduler_sample(unet, scheduler, batch_size: int = 1,
 
 
 @torch.no_grad()
-def plaintext_edm_sample(denoiser, batch_size: int = 1, num_inference_steps: int = 18,
-                         image_shape=(1, 28, 28), seed: int = 0, class_labels=None,
+def plaintext_edm_sample(denoiser: torch.nn.Module, batch_size: int = 1,
+                         num_inference_steps: int = 18,
+                         image_shape: Sequence[int] = (1, 28, 28), seed: int = 0,
+                         class_labels: Optional[Sequence[int]] = None,
                          guidance_scale: float = 1.0, heun: bool = True, s_churn: float = 0.0,
                          sigma_min: float = 0.002, sigma_max: float = 80.0,
                          rho: float = 7.0) -> torch.Tensor:
