@@ -7,8 +7,19 @@ GroupNorm with 2 groups, attention at 14x14 (6 softmaxes over 196 positions), Si
 runs on the project's replicated backend instead of CrypTen's Beaver protocol) in three local
 processes and prints, for party 0, bytes sent / received, rounds and seconds per op type,
 the totals, and optimised/baseline ratios. Error vs the plaintext forward is printed too.
+``calibrated`` is ``optimised`` with the knobs of
+:func:`cipherdm_torch.protocols.recorded_ranges.calibrated_settings` (no exp clip comparison,
+rsqrt magnitude comparisons over the recorded GroupNorm variance range only).
+
+Profile (issue 15): every table has the seconds blocked in the communicator ("wait s", from the
+cost meter) next to the wall seconds per op kind; the profile table splits them into waiting
+vs local work, and, with ``--cprofile``, party 0's local work of the last variant into torch
+kernels vs Python overhead; it also times a ping-pong round of 8 bytes through the mesh (one
+ring re-share) next to the average round inside the forward. ``--no-cse`` exports without
+common-subexpression elimination (the graph before issue 15).
 
     python bench/bench_unet_forward.py [--batch 1] [--variants baseline optimised optimised+rss]
+        [--cprofile] [--no-cse]
 """
 
 from __future__ import annotations
@@ -40,29 +51,104 @@ def _inputs(batch):
             torch.randint(0, 2, (batch,), generator=g))
 
 
-def _party(batch, variants):
+def _ping_pong(n=200):
+    """Seconds per round of an 8-byte ring exchange (each party sends to the next, receives
+    from the previous: one re-share round) through the parties' secure mesh."""
+    from cipherdm_torch.protocols.replicated import arith
+
+    rank, ws = arith._rank_ws()
+    buf, msg = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    for _ in range(10):  # warm-up
+        arith.exchange([(msg, (rank + 1) % ws)], [(buf, (rank - 1) % ws)])
+    t0 = time.perf_counter()
+    for _ in range(n):
+        arith.exchange([(msg, (rank + 1) % ws)], [(buf, (rank - 1) % ws)])
+    return (time.perf_counter() - t0) / n
+
+
+def _kernel_split(prof):
+    """(torch kernel seconds, communicator wait seconds, other Python seconds) of a cProfile."""
+    import pstats
+
+    st = pstats.Stats(prof)
+    kernel = wait = other = 0.0
+    for (file, _, name), (_, _, tottime, _, _) in st.stats.items():
+        if name.startswith("<method 'wait'") or "socket" in name or "recv" in name \
+                or "select" in name or "acquire" in name or "sleep" in name:
+            wait += tottime
+        elif file == "~" and ("torch" in name or "Tensor" in name or "of 'torch" in name):
+            kernel += tottime
+        else:
+            other += tottime
+    return kernel, wait, other
+
+
+def _party(batch, variants, cprofile=False, cse=True):
     from cipherdm_torch import encrypt
-    from cipherdm_torch.protocols import config
+    from cipherdm_torch.compiler import graph as graph_mod
+    from cipherdm_torch.protocols import config, recorded_ranges
 
     info = cipherdm_torch.party()
     x, t, y = _inputs(batch)
+    graph_mod.CSE = cse
     t0 = time.perf_counter()
     enc = encrypt(make_model(0 if info.is_owner else 1), (x, t, y))
     encrypt_s = time.perf_counter() - t0
     out = {"encrypt_s": encrypt_s, "runs": {}}
-    for variant in variants:
+    for i, variant in enumerate(variants):
         protocols, _, backend = variant.partition("+")
+        knobs = {}
+        if protocols == "calibrated":
+            protocols, knobs = "optimised", recorded_ranges.calibrated_settings()
         ctx = contextlib.nullcontext()
         if backend == "rss":  # this project's dealer-free replicated backend
             from cipherdm_torch.protocols.replicated import backend as rss_backend
             ctx = rss_backend.replicated_backend()
-        with ctx, config.use(protocols):
+        prof = None
+        if cprofile and info.rank == 0 and i == len(variants) - 1:
+            import cProfile
+            prof = cProfile.Profile()
+        with ctx, config.use(protocols, **knobs):
             sx = enc.share_input("sample", x if info.is_user else None)
             sy = enc.share_input("class_labels", y if info.is_user else None)
+            if prof is not None:
+                prof.enable()
             res, meter = enc.profile(sx, t, sy)
+            if prof is not None:
+                prof.disable()
         out["runs"][variant] = {"cost": meter.as_dict(), "table": meter.table(),
                                 "opened": enc.reveal(res[0])}
+        if prof is not None:
+            out["runs"][variant]["cprofile"] = _kernel_split(prof)
+    out["ping_pong_s"] = _ping_pong()
     return out
+
+
+def _profile_table(name, run, ping):
+    """Per op kind: wall s, blocked-in-network s, local (compute + Python) s, rounds, ms per
+    round blocked; then the totals, the ping-pong round and (with --cprofile) the local split."""
+    regions, total = run["cost"]["regions"], run["cost"]["total"]
+    lines = [f"\n== profile: {name} (party 0) ==",
+             f"{'region':<12} {'wall s':>8} {'wait s':>8} {'local s':>8} {'wait %':>7} "
+             f"{'rounds':>7} {'wait ms/rnd':>11}"]
+    rows = sorted(regions.items(), key=lambda kv: -kv[1]["seconds"])
+    for k, c in rows + [("TOTAL", total)]:
+        if c["seconds"] < 0.005 and k != "TOTAL":
+            continue
+        local = c["seconds"] - c["wait_seconds"]
+        per = 1e3 * c["wait_seconds"] / c["rounds"] if c["rounds"] else float("nan")
+        lines.append(f"{k:<12} {c['seconds']:>8.2f} {c['wait_seconds']:>8.2f} {local:>8.2f} "
+                     f"{100 * c['wait_seconds'] / max(c['seconds'], 1e-9):>6.0f}% "
+                     f"{c['rounds']:>7} {per:>11.2f}")
+    if total["rounds"]:
+        lines.append(f"one round inside the forward: {1e3 * total['seconds'] / total['rounds']:.2f}"
+                     f" ms wall ({1e3 * total['wait_seconds'] / total['rounds']:.2f} ms blocked); "
+                     f"8-byte ping-pong round on this mesh: {1e3 * ping:.2f} ms")
+    if "cprofile" in run:
+        kernel, wait, other = run["cprofile"]
+        lines.append(f"cProfile of party 0 (inflates Python): torch kernels {kernel:.2f} s, "
+                     f"blocked {wait:.2f} s, Python overhead {other:.2f} s")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -70,6 +156,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=["baseline", "optimised"])
     ap.add_argument("--json", default=None, help="write the figures to this file")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="cProfile party 0's forward of the last variant (kernels vs Python)")
+    ap.add_argument("--no-cse", action="store_true",
+                    help="no common-subexpression elimination (the graph before issue 15)")
     args = ap.parse_args(argv)
 
     model = make_model(0)
@@ -78,7 +168,7 @@ def main(argv=None):
     x, t, y = _inputs(args.batch)
     with torch.no_grad():
         ref = model(x, t, y).sample
-    results = launch(_party, args.batch, args.variants)
+    results = launch(_party, args.batch, args.variants, args.cprofile, not args.no_cse)
     p0, user = results[0], results[cipherdm_torch.Roles().user]
     print(f"encrypt() (export + share weights): {p0['encrypt_s']:.2f} s")
     summary = {}
@@ -87,9 +177,18 @@ def main(argv=None):
         rel = ((user["runs"][v]["opened"] - ref).norm() / ref.norm()).item()
         total = p0["runs"][v]["cost"]["total"]
         summary[v] = {"regions": p0["runs"][v]["cost"]["regions"], "total": total,
-                      "max_abs_err": err, "rel_l2_err": rel}
+                      "max_abs_err": err, "rel_l2_err": rel, "batch": args.batch,
+                      "ping_pong_s": p0["ping_pong_s"],
+                      "cprofile": p0["runs"][v].get("cprofile")}
         print(f"\n== {v} (party 0) ==  max |err| {err:.4f}, rel L2 err {rel:.4f}")
         print(p0["runs"][v]["table"])
+        print(_profile_table(v, p0["runs"][v], p0["ping_pong_s"]))
+        every = [r["runs"][v]["cost"]["total"]["rounds"] for r in results]
+        summary[v]["rounds_per_party"] = every
+        print(f"rounds per party {every} (the truncation helper, rotating, receives nothing, so "
+              f"one party's count can undercount the latency)")
+        print(f"per image (batch {args.batch}): {total['bytes_sent'] / 1e6 / args.batch:.3f} MB "
+              f"sent, {total['seconds'] / args.batch:.2f} s; rounds {total['rounds']}")
     for other in [v for v in args.variants if v != "baseline" and "baseline" in summary]:
         b, o = summary["baseline"], summary[other]
         print(f"\n== {other} / baseline ==")

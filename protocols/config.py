@@ -73,6 +73,13 @@ class Settings:
     exp_squarings: int = 6
     exp_clip: float = 32.0  # inputs below -exp_clip give exactly 0 when exp_clip_compare
     exp_clip_compare: bool = True  # one comparison per element; off: correct only down to -2^(n+1)
+    # calibrated lowest input of exp (softmax: x - rowmax), or None (unknown: clip as above).
+    # When it is at or above -exp_safe_bound(n) = -1.75 * 2^n (-112 for n = 6), where the
+    # unclipped approximation is within 6e-5 of exp, the clip comparison is skipped. Inputs
+    # below the bound are then NOT zeroed: from -1.75 * 2^n to -2^(n+1) the result rises back
+    # towards 1 and below it grows without bound (a wrong softmax row), so only set this from
+    # a recorded range with margin (recorded_ranges.calibrated_settings)
+    exp_input_min: Optional[float] = None
     # reciprocal / rsqrt: magnitude guess from comparisons with 2^j, j in [lo, hi], then Newton
     magnitude_lo: int = -16
     magnitude_hi: int = 24

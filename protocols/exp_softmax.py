@@ -6,7 +6,10 @@ b(z) = ((1 + z)^2 + 1) / 2 lies in [1/2, 1], so the result stays in [0, 1] and
 decays for every x in [-2^(n+1), 0]; its absolute error is below
 0.23 / 4^n (n = 6: 6e-5, against CrypTen's 1e-3 with 8 squarings). Inputs
 below -exp_clip are set to exactly 0 by one comparison (knob
-``exp_clip_compare``, on by default: without it, inputs below -2^(n+1) grow).
+``exp_clip_compare``, on by default: without it, inputs below -2^(n+1) grow). When a
+calibrated lower bound of the inputs is known (knob ``exp_input_min``, e.g. the recorded
+softmax range -9.95 with margin) and lies above -1.75 * 2^n (:func:`exp_safe_bound`), the
+comparison is skipped: there the unclipped result is already within 6e-5 of exp(x).
 
 softmax: row max by a pairwise tree (n - 1 comparisons per row, log2 n rounds,
 no argmax one-hot as in CrypTen), exp of x - max, then the row sum s in
@@ -27,7 +30,7 @@ from cipherdm_torch.protocols import config
 from cipherdm_torch.protocols.max_tree import larger_by_sign, tree_max
 from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
 
-__all__ = ["exp", "softmax", "row_max", "reference_exp", "reference_softmax"]
+__all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax"]
 
 
 def _clip_bound(cfg) -> float:
@@ -35,12 +38,25 @@ def _clip_bound(cfg) -> float:
     return min(float(cfg.exp_clip), 2.0 ** (cfg.exp_squarings + 1))
 
 
+def exp_safe_bound(n: int) -> float:
+    """|x| up to which the unclipped exp approximation (n squarings) stays within 6e-5 of exp:
+    the base b(x / 2^n) is at most b(-1.75) = 0.78 below -2^n, and 0.78^(2^n) <= 1.4e-7."""
+    return 1.75 * 2.0 ** n
+
+
+def _needs_clip(cfg) -> bool:
+    """The clip comparison runs unless a calibrated input range makes it useless."""
+    if not cfg.exp_clip_compare:
+        return False
+    return cfg.exp_input_min is None or cfg.exp_input_min < -exp_safe_bound(cfg.exp_squarings)
+
+
 def exp(x: MPCTensor) -> MPCTensor:
     """exp(x) for x <= 0 (positive inputs are not supported: the result would grow)."""
     cfg = config.current()
     n = cfg.exp_squarings
     z = x * (1.0 / 2 ** n)
-    if cfg.exp_clip_compare:
+    if _needs_clip(cfg):
         z2, keep = _square_and_keep(z, x, _clip_bound(cfg))
     else:
         z2, keep = z.square(), None
@@ -84,7 +100,7 @@ def reference_exp(x: torch.Tensor, settings: Optional[config.Settings] = None) -
     n = cfg.exp_squarings
     z = x.double() / 2 ** n
     y = (1 + z + z * z / 2) ** (2 ** n)
-    if cfg.exp_clip_compare:
+    if _needs_clip(cfg):
         y = y * (x >= -_clip_bound(cfg))
     return y.to(x.dtype)
 

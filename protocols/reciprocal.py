@@ -8,8 +8,11 @@ d_j = c_j - c_(j+1) (integer scale) then gives the public-weight sums 2^-k,
 2^(-k/2) and the guess's slope terms B 2^-k locally: no multiplication, no
 truncation, no round. The mantissa m = x 2^-k lies in [1, 2), where a linear
 guess has relative error <= 1/17 (1/x) or 2.2% (1/sqrt x), and two Newton steps
-reach the fixed-point resolution. Rounds: one comparison (9 on the replicated
-backend) + 1 + 2 per iteration (1/x) or 3 per iteration + 1 (1/sqrt x).
+reach the fixed-point resolution. Products in sequence: one comparison (about 10 rounds on
+the replicated backend) + 1 + 2 per iteration (1/x) or 2 per iteration + 1 (1/sqrt x).
+With a calibrated input range (``magnitude_lo`` / ``magnitude_hi`` from
+:func:`cipherdm_torch.protocols.recorded_ranges.calibrated_settings`) the comparison covers
+only the powers of two inside that range with a margin: fewer bytes, same rounds.
 Bytes: (hi - lo) comparisons per element, so these run on per-group / per-row
 statistics, never on whole activations. Inputs below 2^lo are treated as
 2^lo-scale and stay bounded; above 2^hi accuracy degrades gracefully (the
@@ -103,9 +106,10 @@ def reciprocal(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None)
 def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None) -> MPCTensor:
     """1 / sqrt(x) for x > 0 in [2^lo, 2^hi].
 
-    Newton's step y (3 - m y^2) / 2 is run as y (1.5 - h y^2) with h = m / 2 taken
-    from the one-hot weights (no extra truncation for the halving): three rounds
-    per iteration; h and the slope term of the guess are one batched product.
+    Newton's step y (3 - m y^2) / 2 is run as 1.5 y - (h y) y^2 with h = m / 2 taken
+    from the one-hot weights (no extra truncation for the halving): h y and y^2 are one
+    batched product, so two products (truncations) deep per iteration; h and the slope
+    term of the guess are one batched product.
     """
     lo, hi = _range(lo, hi)
     d, ks = exponent_onehot(x, lo, hi)
@@ -115,5 +119,8 @@ def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None) -> M
     h, md = crypten.stack([ph, pd]) * x
     y = _RSQRT_C - md
     for _ in range(config.current().rsqrt_iters):
-        y = y * (1.5 - h * y.square())
+        # y (1.5 - h y^2) = 1.5 y - (h y) y^2: h y and y^2 in one batched product, then one
+        # more product: two rounds of truncation per step instead of three
+        hy, y2 = crypten.stack([h, y]) * crypten.stack([y, y])
+        y = 1.5 * y - hy * y2
     return y * q

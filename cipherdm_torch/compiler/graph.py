@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -370,10 +371,88 @@ def _decompose_batch_norm(graph: torch.fx.Graph) -> None:
         graph.erase_node(node)
 
 
+# common-subexpression elimination in rewrite(); off only to measure the graph without it
+# (bench/bench_unet_forward.py --no-cse). Every party must use the same value.
+CSE = True
+
+
+def _cse_key(value) -> Any:
+    """A hashable stand-in of a node argument: nodes by identity, scalars by type and repr."""
+    if isinstance(value, torch.fx.Node):
+        return ("node", value)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_cse_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _cse_key(v)) for k, v in value.items())))
+    if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device,
+                          torch.layout, torch.memory_format)):
+        return (type(value).__name__, repr(value))
+    return None  # a tensor constant or anything else: not compared, never merged
+
+
+def _pure(target) -> bool:
+    """A call whose result depends on its arguments only: no randomness, no mutation."""
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded in target.tags or \
+            torch.Tag.nondeterministic_bitwise in target.tags:
+        return False
+    schema = target._schema
+    if schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write
+                                for a in schema.arguments):
+        return False
+    name = target.name()
+    return not any(word in name for word in ("rand", "dropout", "bernoulli", "normal",
+                                             "empty", "uniform", "multinomial", "poisson"))
+
+
+def eliminate_common_subexpressions(graph: torch.fx.Graph) -> int:
+    """Compute identical pure nodes on identical inputs once (in place); returns how many
+    nodes were merged.
+
+    Two ``call_function`` nodes with the same target and the same arguments (the same nodes
+    after this pass, equal scalars) give the same value when the op is deterministic and does
+    not mutate (:func:`_pure`), so later ones are replaced by the first: e.g. a UNet's
+    ``silu(temb)`` recomputed in every ResNet block runs once. A rewrite of the public graph:
+    every party exports the same graph and takes the same decision.
+    """
+    seen: Dict[Any, torch.fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not _pure(node.target) or \
+                node.meta.get("cipherdm_reason"):
+            continue
+        args, kwargs = _cse_key(node.args), _cse_key(dict(node.kwargs))
+        if _unhashable(args) or _unhashable(kwargs):
+            continue
+        key = (node.target, args, kwargs)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = node
+            continue
+        node.replace_all_uses_with(first)
+        graph.erase_node(node)
+        merged += 1
+    return merged
+
+
+def _unhashable(key) -> bool:
+    if key is None:
+        return True
+    if isinstance(key, tuple):
+        return any(_unhashable(k) for k in key)
+    return False
+
+
 def rewrite(g: ModelGraph) -> ModelGraph:
-    """Functional in-place ops, eval-mode BatchNorm as a per-channel affine map (in place)."""
+    """Functional in-place ops, eval-mode BatchNorm as a per-channel affine map, common
+    subexpressions computed once (in place)."""
     _functionalize(g.graph)
     _decompose_batch_norm(g.graph)
+    if CSE:
+        eliminate_common_subexpressions(g.graph)
     return g
 
 

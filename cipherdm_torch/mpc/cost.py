@@ -46,6 +46,8 @@ class Cost:
     rounds: int = 0
     seconds: float = 0.0
     calls: int = 0
+    # wall time blocked in the communicator (waiting on receives / collectives / sends)
+    wait_seconds: float = 0.0
 
     def add(self, sent: int = 0, received: int = 0, rounds: int = 0) -> None:
         self.bytes_sent += int(sent)
@@ -102,6 +104,11 @@ class CostMeter:
             cost.calls += 1
             self._open.remove(name)
 
+    def _record_wait(self, seconds: float) -> None:
+        self.total.wait_seconds += seconds
+        for name in set(self._open):
+            self.regions[name].wait_seconds += seconds
+
     def _record(self, sent: int, received: int, rounds: int) -> None:
         self.total.add(sent, received, rounds)
         for name in set(self._open):
@@ -113,13 +120,14 @@ class CostMeter:
 
     def table(self) -> str:
         """A plain-text table: one line per region, then the total."""
-        rows = [("region", "calls", "sent MB", "recv MB", "rounds", "seconds")]
+        rows = [("region", "calls", "sent MB", "recv MB", "rounds", "seconds", "wait s")]
         for name, c in sorted(self.regions.items(), key=lambda kv: -kv[1].bytes_sent):
             rows.append((name, str(c.calls), f"{c.bytes_sent / 1e6:.3f}",
-                         f"{c.bytes_received / 1e6:.3f}", str(c.rounds), f"{c.seconds:.3f}"))
+                         f"{c.bytes_received / 1e6:.3f}", str(c.rounds), f"{c.seconds:.3f}",
+                         f"{c.wait_seconds:.3f}"))
         t = self.total
         rows.append(("TOTAL", "", f"{t.bytes_sent / 1e6:.3f}", f"{t.bytes_received / 1e6:.3f}",
-                     str(t.rounds), f"{t.seconds:.3f}"))
+                     str(t.rounds), f"{t.seconds:.3f}", f"{t.wait_seconds:.3f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
@@ -159,15 +167,36 @@ def _obj_bytes(obj) -> int:
     return len(pickle.dumps(obj)) + 8  # payload + the int64 size header CrypTen sends first
 
 
-class _Wait:
-    """Wraps a pending receive so that waiting on it closes the open round."""
+def _log_wait(seconds: float) -> None:
+    for meter in list(_ACTIVE):
+        meter._record_wait(seconds)
 
-    def __init__(self, work, comm):
-        self._work, self._comm = work, comm
+
+@contextmanager
+def _blocked() -> Iterator[None]:
+    """Time spent inside the block counts as waiting on the network."""
+    if not _ACTIVE:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _log_wait(time.perf_counter() - t0)
+
+
+class _Wait:
+    """Wraps a pending receive (or send) so that waiting on it is timed as blocked and, for a
+    receive, closes the open round."""
+
+    def __init__(self, work, comm, closes_round=True):
+        self._work, self._comm, self._closes = work, comm, closes_round
 
     def wait(self, *args, **kwargs):
-        self._comm._cipherdm_round_open = False
-        return self._work.wait(*args, **kwargs)
+        if self._closes:
+            self._comm._cipherdm_round_open = False
+        with _blocked():
+            return self._work.wait(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._work, name)
@@ -197,11 +226,12 @@ def _metered_class(base):
 
         def recv(self, tensor, src=None):
             _log(self, received=_nbytes(tensor), blocking=True)
-            return super().recv(tensor, src)
+            with _blocked():
+                return super().recv(tensor, src)
 
         def isend(self, tensor, dst):
             _log(self, sent=_nbytes(tensor))
-            return super().isend(tensor, dst)
+            return _Wait(super().isend(tensor, dst), self, closes_round=False)
 
         def irecv(self, tensor, src=None):
             _log(self, received=_nbytes(tensor), opens_round=True)
@@ -213,25 +243,30 @@ def _metered_class(base):
                 _log(self, sent=(n - 1) * b, blocking=True)
             else:
                 _log(self, received=b, blocking=True)
-            return super().broadcast(input, src, group=group, batched=batched)
+            with _blocked():
+                return super().broadcast(input, src, group=group, batched=batched)
 
         def all_reduce(self, input, *args, **kwargs):
             b = (self.get_world_size() - 1) * _nbytes(input)
             _log(self, sent=b, received=b, blocking=True)
-            return super().all_reduce(input, *args, **kwargs)
+            with _blocked():
+                return super().all_reduce(input, *args, **kwargs)
 
         def all_gather(self, tensor):
             b = (self.get_world_size() - 1) * _nbytes(tensor)
             _log(self, sent=b, received=b, blocking=True)
-            return super().all_gather(tensor)
+            with _blocked():
+                return super().all_gather(tensor)
 
         def reduce(self, input, dst, *args, **kwargs):
             self._to_one(_nbytes(input), dst)
-            return super().reduce(input, dst, *args, **kwargs)
+            with _blocked():
+                return super().reduce(input, dst, *args, **kwargs)
 
         def gather(self, tensor, dst):
             self._to_one(_nbytes(tensor), dst)
-            return super().gather(tensor, dst)
+            with _blocked():
+                return super().gather(tensor, dst)
 
         def _to_one(self, b, dst):
             if self.get_rank() == dst:
@@ -250,19 +285,22 @@ def _metered_class(base):
 
         def barrier(self):
             _log(self, blocking=True)
-            return super().barrier()
+            with _blocked():
+                return super().barrier()
 
         def send_obj(self, obj, dst, group=None):
             _log(self, sent=_obj_bytes(obj))
             return super().send_obj(obj, dst, group=group)
 
         def recv_obj(self, src, group=None):
-            obj = super().recv_obj(src, group=group)
+            with _blocked():
+                obj = super().recv_obj(src, group=group)
             _log(self, received=_obj_bytes(obj), blocking=True)
             return obj
 
         def broadcast_obj(self, obj, src, group=None):
-            out = super().broadcast_obj(obj, src, group=group)
+            with _blocked():
+                out = super().broadcast_obj(obj, src, group=group)
             b = _obj_bytes(out)
             if self.get_rank() == src:
                 _log(self, sent=(self.get_world_size() - 1) * b, blocking=True)
