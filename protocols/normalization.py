@@ -48,9 +48,35 @@ def group_norm(x: MPCTensor, num_groups: int,
     if c % num_groups:
         raise ValueError(f"group_norm: {c} channels are not divisible into {num_groups} groups")
     spatial = list(x.size())[2:]
+    if weight is not None and not torch.is_tensor(weight):
+        return _group_norm_secret_weight(x, num_groups, weight, bias, eps, rsqrt)
     y = _normalise_last(x.reshape(n, num_groups, -1), eps, rsqrt)
     y = y.reshape(n, c, *spatial)
     return _affine(y, weight, bias, [1, c] + [1] * len(spatial))
+
+
+def _group_norm_secret_weight(x, num_groups, weight, bias, eps, rsqrt):
+    """GroupNorm with a secret per-channel weight w, one product shallower:
+    ((x - mean) w) * rsqrt(var + eps) + b, where (x - mean)^2 (for the variance) and
+    (x - mean) w are ONE batched product, taken before the rsqrt instead of after it.
+    Same products and bytes as normalising first; two rounds fewer per call."""
+    n, c = x.size(0), x.size(1)
+    spatial = list(x.size())[2:]
+    xg = x.reshape(n, num_groups, -1)
+    centred = xg - xg.mean(-1, keepdim=True)
+    w = weight.reshape(1, c, *([1] * len(spatial))).expand(n, c, *spatial)
+    w = w.reshape(n, num_groups, -1)
+    prod = crypten_stack([centred, centred]) * crypten_stack([centred, w])
+    sq, cw = prod[0], prod[1]
+    var = sq.mean(-1, keepdim=True)
+    y = (cw * rsqrt(var + eps)).reshape(n, c, *spatial)
+    return _affine(y, None, bias, [1, c] + [1] * len(spatial))
+
+
+def crypten_stack(tensors):
+    import crypten
+
+    return crypten.stack(tensors)
 
 
 def layer_norm(x: MPCTensor, normalized_shape: Union[int, Sequence[int]],

@@ -14,7 +14,8 @@ import crypten
 from cipherdm_torch import CostMeter
 from cipherdm_torch.compiler import graph as graph_mod
 from cipherdm_torch.compiler.ops.attention import scaled_scores
-from cipherdm_torch.protocols import config, exp_softmax, functions as P, recorded_ranges
+from cipherdm_torch.protocols import config, exp_softmax, functions as P, normalization, \
+    recorded_ranges
 from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 aten = torch.ops.aten
@@ -90,6 +91,14 @@ def _body(d):
         out["rsqrt_cal"] = (r.get_plain_text(), m.total.bytes_sent, m.total.rounds)
         with config.use(**cal):
             out["group_norm_cal"] = P.group_norm(crypten.cryptensor(d["img"]), 2).get_plain_text()
+        img, w = crypten.cryptensor(d["img"]), crypten.cryptensor(d["w"])
+        with CostMeter() as m:
+            gn = P.group_norm(img, 2, w, d["b"])
+        out["gn_weight"] = (gn.get_plain_text(), m.total.rounds)
+        with CostMeter() as m:  # the order before issue 15: normalise, then weight and bias
+            y = normalization._normalise_last(img.reshape(2, 2, -1), 1e-5, P.rsqrt)
+            gn_old = normalization._affine(y.reshape(2, 4, 6, 6), w, d["b"], [1, 4, 1, 1])
+        out["gn_weight_old"] = (gn_old.get_plain_text(), m.total.rounds)
         q, k = crypten.cryptensor(d["q"]), crypten.cryptensor(d["k"])
         scale = 1 / math.sqrt(d["q"].size(-1))
         with CostMeter() as m:
@@ -111,7 +120,8 @@ def test_calibrated_protocols_three_parties(parties):
     vlo, vhi = _recorded("group_norm_variance", (0.0286, 10.57))
     var = torch.logspace(math.log10(vlo), math.log10(vhi), 64) + 1e-5  # full recorded range
     img = torch.randn(2, 4, 6, 6, generator=g) * torch.tensor([0.2, 0.2, 3.0, 3.0]).view(1, 4, 1, 1)
-    d = {"logits": logits, "var": var, "img": img,
+    d = {"logits": logits, "var": var, "img": img, "w": torch.rand(4, generator=g) + 0.5,
+         "b": torch.randn(4, generator=g),
          "q": torch.randn(2, 196, 8, generator=g) * 2, "k": torch.randn(2, 196, 8, generator=g) * 2}
     every = parties.run(_body, d, timeout=600)
     r = every[0]
@@ -127,6 +137,11 @@ def test_calibrated_protocols_three_parties(parties):
     assert ((rc - truth) / truth).abs().max() < 0.01
     assert rb1 < rb0 and rr1 <= rr0, (rb0, rr0, rb1, rr1)  # fewer comparisons, same rounds
     assert (r["group_norm_cal"] - F.group_norm(img, 2)).abs().max() < 0.02
+    gn_ref = F.group_norm(img, 2, d["w"], d["b"])
+    assert (r["gn_weight"][0] - gn_ref).abs().max() < 0.02
+    assert (r["gn_weight_old"][0] - gn_ref).abs().max() < 0.02
+    g_new, g_old = (max(p[key][1] for p in every) for key in ("gn_weight", "gn_weight_old"))
+    assert g_new < g_old, (g_old, g_new)  # the weight product runs beside the variance
     (s_old, _, _), (s_new, _, _) = r["scores"], r["scores_folded"]
     # the truncation's helper (which receives nothing) rotates between calls, so one party's
     # rounds undercount the latency: compare the slowest party's rounds and all parties' bytes
