@@ -24,7 +24,14 @@ def _normalise_last(x, eps: float, rsqrt: Callable):
     """(x - mean) * rsqrt(var + eps) over the last dimension of ``x``."""
     centred = x - x.mean(-1, keepdim=True)
     var = centred.square().mean(-1, keepdim=True)
-    return centred * rsqrt(var + eps)
+    return _times_rsqrt(centred, var + eps, rsqrt)
+
+
+def _times_rsqrt(t, v, rsqrt: Callable):
+    """t * rsqrt(v); one product shallower when the rsqrt protocol takes ``times``."""
+    if getattr(rsqrt, "accepts_times", False):
+        return rsqrt(v, times=t)
+    return t * rsqrt(v)
 
 
 def _affine(y, weight, bias, shape):
@@ -69,7 +76,7 @@ def _group_norm_secret_weight(x, num_groups, weight, bias, eps, rsqrt):
     prod = crypten_stack([centred, centred]) * crypten_stack([centred, w])
     sq, cw = prod[0], prod[1]
     var = sq.mean(-1, keepdim=True)
-    y = (cw * rsqrt(var + eps)).reshape(n, c, *spatial)
+    y = _times_rsqrt(cw, var + eps, rsqrt).reshape(n, c, *spatial)
     return _affine(y, None, bias, [1, c] + [1] * len(spatial))
 
 

@@ -31,7 +31,7 @@ from crypten.mpc import MPCTensor
 
 from cipherdm_torch.protocols import config
 
-__all__ = ["reciprocal", "rsqrt", "exponent_onehot", "weigh", "reciprocal_scaled"]
+__all__ = ["reciprocal", "rsqrt", "batched_mul", "exponent_onehot", "weigh", "reciprocal_scaled"]
 
 # minimax linear guesses on m in [1, 2): 1/m ~ A - B m, 1/sqrt(m) ~ C - D m
 _RECIP_A, _RECIP_B = 24 / 17, 8 / 17
@@ -103,8 +103,32 @@ def reciprocal(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None)
     return r * p
 
 
-def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None) -> MPCTensor:
-    """1 / sqrt(x) for x > 0 in [2^lo, 2^hi].
+def batched_mul(pairs: Sequence[Tuple[MPCTensor, MPCTensor]]) -> List[MPCTensor]:
+    """[a * b for a, b in pairs] as ONE secret product (one truncation, one round trip) even
+    when the pairs have different shapes: each b is broadcast to its a, everything flattened
+    and concatenated, multiplied once and split back."""
+    shapes = [tuple(a.size()) for a, _ in pairs]
+    left = crypten.cat([a.flatten() for a, _ in pairs])
+    right = crypten.cat([b.expand(*shape).flatten() for (_, b), shape in zip(pairs, shapes)])
+    prod = left * right
+    out, start = [], 0
+    for shape in shapes:
+        size = 1
+        for d in shape:
+            size *= d
+        out.append(prod.narrow(0, start, size).reshape(shape))
+        start += size
+    return out
+
+
+def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
+          times: Optional[MPCTensor] = None) -> MPCTensor:
+    """1 / sqrt(x) for x > 0 in [2^lo, 2^hi]; ``times * (1 / sqrt(x))`` when ``times`` (a
+    secret of a shape ``x`` broadcasts to, e.g. the centred activations of a norm) is given.
+
+    With ``times``, its product with the power-of-two part q = 2^(-k/2) rides in the first
+    Newton step's batched product, and only the final product by the Newton iterate y remains:
+    one product (two rounds) fewer than ``times * rsqrt(x)``.
 
     Newton's step y (3 - m y^2) / 2 is run as 1.5 y - (h y) y^2 with h = m / 2 taken
     from the one-hot weights (no extra truncation for the halving): h y and y^2 are one
@@ -118,9 +142,20 @@ def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None) -> M
     q = weigh(d, ks, lambda k: 2.0 ** (-k / 2), x)
     h, md = crypten.stack([ph, pd]) * x
     y = _RSQRT_C - md
-    for _ in range(config.current().rsqrt_iters):
+    scaled = None
+    for i in range(config.current().rsqrt_iters):
         # y (1.5 - h y^2) = 1.5 y - (h y) y^2: h y and y^2 in one batched product, then one
         # more product: two rounds of truncation per step instead of three
-        hy, y2 = crypten.stack([h, y]) * crypten.stack([y, y])
+        if i == 0 and times is not None:
+            hy, y2, scaled = batched_mul([(h, y), (y, y), (times, q)])
+        else:
+            hy, y2 = crypten.stack([h, y]) * crypten.stack([y, y])
         y = 1.5 * y - hy * y2
-    return y * q
+    if times is None:
+        return y * q
+    if scaled is None:  # no Newton step
+        scaled = times * q
+    return scaled * y
+
+
+rsqrt.accepts_times = True  # normalization passes the centred activations as ``times``
