@@ -85,8 +85,10 @@ class Settings:
     magnitude_hi: int = 24
     reciprocal_iters: int = 2
     rsqrt_iters: int = 2
-    # softmax row max: "tree" (pairwise, n - 1 comparisons per row) or CrypTen's max
-    softmax_max_method: str = "tree"
+    # softmax row max: "tree" (pairwise, n - 1 comparisons per row, ceil(log2 n) levels),
+    # "tree3" (by thirds: ceil(log3 n) levels, ~40% fewer rounds, ~1.5 n comparisons per row)
+    # or CrypTen's max
+    softmax_max_method: str = "tree3"
     # rss backend fixed-point truncation: "exact" (P2-assisted, error <= 1 unit for |x| < 2^62,
     # 2 rounds, 16 B per element from two parties and 32 B from the helper, which rotates per
     # call: 21.3 B per party on average) or "probabilistic" (ABY3's two-share

@@ -27,7 +27,7 @@ import torch
 from crypten.mpc import MPCTensor
 
 from cipherdm_torch.protocols import config
-from cipherdm_torch.protocols.max_tree import larger_by_sign, tree_max
+from cipherdm_torch.protocols.max_tree import larger_by_sign, ternary_max, tree_max
 from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
 
 __all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax"]
@@ -83,6 +83,8 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
     n = x.size(dim)
     if cfg.softmax_max_method == "crypten":
         top = x.max(dim, keepdim=True)[0]
+    elif cfg.softmax_max_method == "tree3":
+        top = ternary_max(x, dim, keepdim=True)
     else:
         top = row_max(x, dim)
     e = exp(x - top)

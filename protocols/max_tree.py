@@ -15,7 +15,8 @@ from typing import Callable
 import crypten
 from crypten.mpc import MPCTensor
 
-__all__ = ["pairwise_tree", "larger_by_sign", "larger_by_relu", "tree_max"]
+__all__ = ["pairwise_tree", "ternary_tree", "larger_by_sign", "larger_by_relu", "tree_max",
+           "ternary_max"]
 
 Combine = Callable[[MPCTensor, MPCTensor], MPCTensor]
 
@@ -52,4 +53,45 @@ def tree_max(x: MPCTensor, dim: int, keepdim: bool = True,
              combine: Combine = larger_by_sign) -> MPCTensor:
     """Maximum of ``x`` along ``dim`` by :func:`pairwise_tree` with ``combine``."""
     out = pairwise_tree(x, dim, combine)
+    return out if keepdim else out.squeeze(dim % x.dim())
+
+
+def _largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
+    """max(a, b, c) with ONE batched comparison (3 bits), one product of bits and one product
+    of bits by values: a if a >= b and a >= c, else b if b >= c, else c. Exactly one of the
+    selectors s_a = [a>=b][a>=c], s_b = [a<b][b>=c] and 1 - s_a - s_b is 1 (ties pick the
+    first), so max = c + s_a (a - c) + s_b (b - c). Bits have integer scale: no truncation."""
+    ge = 1 - crypten.stack([a - b, a - c, b - c])._ltz()  # [a>=b], [a>=c], [b>=c]
+    sel = crypten.stack([ge[0], 1 - ge[0]]) * crypten.stack([ge[1], ge[2]])  # s_a, s_b
+    picked = sel * crypten.stack([a - c, b - c])
+    return c + picked[0] + picked[1]
+
+
+def ternary_tree(x: MPCTensor, dim: int) -> MPCTensor:
+    """Max along ``dim`` (keepdim) by thirds: ceil(log3 n) levels (5 for n = 196, against 8
+    by halves), each one comparison round trip plus two products of bits, so about 40%
+    fewer rounds; 3 comparisons per 3 entries per level (about 1.5 n per row instead of n).
+    A leftover of one entry is carried to the next level, of two is padded with a copy of
+    the last (the max is unchanged)."""
+    dim = dim % x.dim()
+    cur = x
+    while cur.size(dim) > 1:
+        n = cur.size(dim)
+        if n == 2:
+            return larger_by_sign(cur.narrow(dim, 0, 1), cur.narrow(dim, 1, 1))
+        if n % 3 == 2:
+            cur = crypten.cat([cur, cur.narrow(dim, n - 1, 1)], dim=dim)
+            n += 1
+        t = n // 3
+        best = _largest_of_three(cur.narrow(dim, 0, t), cur.narrow(dim, t, t),
+                                 cur.narrow(dim, 2 * t, t))
+        if n % 3 == 1:
+            best = crypten.cat([best, cur.narrow(dim, n - 1, 1)], dim=dim)
+        cur = best
+    return cur
+
+
+def ternary_max(x: MPCTensor, dim: int, keepdim: bool = True) -> MPCTensor:
+    """Maximum of ``x`` along ``dim`` by :func:`ternary_tree`."""
+    out = ternary_tree(x, dim)
     return out if keepdim else out.squeeze(dim % x.dim())

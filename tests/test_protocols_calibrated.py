@@ -165,3 +165,37 @@ def test_exp_out_of_calibrated_range_is_documented():
     assert exp_softmax.reference_exp(far, config.current()).item() == 0.0  # default clips
     wide = config.current().replace(exp_input_min=-1e3)
     assert exp_softmax.reference_exp(far, wide).item() == 0.0  # range too wide: clip kept
+
+
+def _ternary_body(rows, protocol):
+    from cipherdm_torch.protocols import max_tree
+
+    rss_backend.install()
+    out = []
+    with crypten.cfg.temp_override({"mpc.protocol": protocol}):
+        for x in rows:
+            e = crypten.cryptensor(x)
+            out.append((max_tree.ternary_max(e, -1).get_plain_text(),
+                        max_tree.ternary_max(e, 0, keepdim=False).get_plain_text()))
+        with config.use("optimised"), CostMeter() as m3:
+            P.softmax(crypten.cryptensor(rows[-1]), -1)
+        with config.use("optimised", softmax_max_method="tree"), CostMeter() as m2:
+            P.softmax(crypten.cryptensor(rows[-1]), -1)
+    return out, m3.total.rounds, m2.total.rounds
+
+
+@pytest.mark.parametrize("protocol", ["replicated", "rss"])
+def test_ternary_max_exact_three_parties(parties, protocol):
+    """The default softmax row max (by thirds) equals torch's max on every row length, ties
+    included (values on the fixed-point grid, so exact), in fewer rounds than by halves."""
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(-8, 8, (3, n), generator=g).float() / 4 for n in range(1, 12)]
+    lo, _ = _recorded("softmax_logits", (-5.83, 10.23))
+    rows.append(torch.rand(5, 196, generator=g) * 16 + lo)
+    every = parties.run(_ternary_body, rows, protocol, timeout=600)
+    out = every[0][0]
+    for x, (m_last, m_first) in zip(rows, out):
+        assert torch.allclose(m_last, x.max(-1, keepdim=True)[0], atol=2e-5), x
+        assert torch.allclose(m_first, x.max(0)[0], atol=2e-5), x
+    r3, r2 = max(p[1] for p in every), max(p[2] for p in every)
+    assert r3 < r2, (r3, r2)
