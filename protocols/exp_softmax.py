@@ -24,6 +24,7 @@ import math
 from typing import Optional
 
 import torch
+from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
 from cipherdm_torch.protocols import config
@@ -55,21 +56,40 @@ def exp(x: MPCTensor) -> MPCTensor:
     """exp(x) for x <= 0 (positive inputs are not supported: the result would grow)."""
     cfg = config.current()
     n = cfg.exp_squarings
-    z = x * (1.0 / 2 ** n)
+    keep = None
     if _needs_clip(cfg):
-        z2, keep = _square_and_keep(z, x, _clip_bound(cfg))
-    else:
-        z2, keep = z.square(), None
-    y = 1 + z + z2 * 0.5
-    for _ in range(n):
+        keep = 1 - (x + _clip_bound(cfg))._ltz()  # [x >= -bound], integer scale
+    if n < 1 or x.encoder.scale <= 1:
+        return _exp_plain_order(x, n, keep)
+    # b(z) = ((1 + z)^2 + 1) / 2 with 1 + z = (x + 2^n) / 2^n: the division by 2^n and the
+    # square are ONE truncation of the untruncated square of u = x + 2^n, and the halving
+    # rides in the first squaring's truncation: two truncated products for b(z)^2 instead
+    # of four (z, z^2, z^2 / 2, the first squaring)
+    u = x + 2.0 ** n
+    v = _square_div(u, 2 ** (2 * n)) + 1  # (1 + z)^2 + 1 = 2 b(z)
+    y = _square_div(v, 4)  # b(z)^2
+    for _ in range(n - 1):
         y = y.square()
     return y if keep is None else y * keep
 
 
-def _square_and_keep(z, x, bound):
-    """z^2 and [x >= -bound] (as fixed point); the comparison does not depend on z^2."""
-    keep = 1 - (x + bound)._ltz()
-    return z.square(), keep
+def _square_div(t: MPCTensor, d: int) -> MPCTensor:
+    """t^2 / d with one truncation: the secret square taken untruncated (one factor read at
+    integer scale), then divided by the public integer 2^f d."""
+    raw = t.shallow_copy()
+    raw._tensor = t._tensor.shallow_copy()  # same shares (and cached replicas), scale 1
+    raw._tensor.encoder = FixedPointEncoder(precision_bits=0)
+    out = t * raw  # values t^2 2^(2f) under t's encoder
+    out._tensor.div_(int(t.encoder.scale) * int(d))
+    return out
+
+
+def _exp_plain_order(x, n, keep):
+    z = x * (1.0 / 2 ** n)
+    y = 1 + z + z.square() * 0.5
+    for _ in range(n):
+        y = y.square()
+    return y if keep is None else y * keep
 
 
 def row_max(x: MPCTensor, dim: int) -> MPCTensor:
