@@ -73,14 +73,17 @@ def _kernel_split(prof):
     st = pstats.Stats(prof)
     kernel = wait = other = 0.0
     for (file, _, name), (_, _, tottime, _, _) in st.stats.items():
-        if name.startswith("<method 'wait'") or "socket" in name or "recv" in name \
+        if name.startswith("<method 'wait'") or "socket" in name.lower() or "recv" in name \
                 or "select" in name or "acquire" in name or "sleep" in name:
             wait += tottime
         elif file == "~" and ("torch" in name or "Tensor" in name or "of 'torch" in name):
             kernel += tottime
         else:
             other += tottime
-    return kernel, wait, other
+    top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:12]
+    top = [(f"{name} ({file.rsplit('/', 1)[-1]}:{line})", calls, tottime)
+           for (file, line, name), (calls, _, tottime, _, _) in top]
+    return kernel, wait, other, top
 
 
 def _party(batch, variants, cprofile=False, cse=True):
@@ -145,9 +148,10 @@ def _profile_table(name, run, ping):
                      f" ms wall ({1e3 * total['wait_seconds'] / total['rounds']:.2f} ms blocked); "
                      f"8-byte ping-pong round on this mesh: {1e3 * ping:.2f} ms")
     if "cprofile" in run:
-        kernel, wait, other = run["cprofile"]
+        kernel, wait, other, top = run["cprofile"]
         lines.append(f"cProfile of party 0 (inflates Python): torch kernels {kernel:.2f} s, "
-                     f"blocked {wait:.2f} s, Python overhead {other:.2f} s")
+                     f"blocked {wait:.2f} s, Python overhead {other:.2f} s; top by own time:")
+        lines += [f"    {t:8.2f} s {c:>8} calls  {name}" for name, c, t in top]
     return "\n".join(lines)
 
 
