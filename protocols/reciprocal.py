@@ -140,7 +140,13 @@ def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
     ph = weigh(d, ks, lambda k: 2.0 ** -(k + 1), x)
     pd = weigh(d, ks, lambda k: _RSQRT_D * 2.0 ** -k, x)
     q = weigh(d, ks, lambda k: 2.0 ** (-k / 2), x)
-    h, md = crypten.stack([ph, pd]) * x
+    if times is None:
+        h, md = crypten.stack([ph, pd]) * x
+    else:
+        # q rides along (times 1): the product's output carries the replicated backend's
+        # replica, which the expansion of q to the shape of ``times`` keeps, so the batched
+        # product below re-shares no activation-sized copy of q
+        h, md, q = crypten.stack([ph, pd, q]) * crypten.stack([x, x, x * 0 + 1])
     y = _RSQRT_C - md
     scaled = None
     for i in range(config.current().rsqrt_iters):
