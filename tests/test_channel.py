@@ -272,11 +272,20 @@ def test_heartbeats_carry_no_payload_and_are_counted_apart(tmp_path):
                                         back.heartbeats_received, meshes[1].stats())
         time.sleep(4.5)  # idle: about 4 heartbeats
         y = torch.arange(10, dtype=torch.long)
-        meshes[1].isend(y, 0)
+        sent = meshes[1].isend(y, 0)
         assert torch.equal(meshes[0].recv(torch.empty_like(y), 1), y)  # reads past the beats
-        after, beats1, got1, stats1 = (len(proxy.up), link.heartbeats_sent,
-                                       back.heartbeats_received, meshes[1].stats())
-        beats = beats1 - beats0
+        sent.wait()  # the sender thread counts a message once it has written it
+        # heartbeats keep coming while we read the counters (sender, proxy and receiver are
+        # three threads): read until one snapshot is consistent, or fail after 20 s
+        deadline = time.monotonic() + 20
+        while True:
+            after, beats1, got1, stats1 = (len(proxy.up), link.heartbeats_sent,
+                                           back.heartbeats_received, meshes[1].stats())
+            beats = beats1 - beats0
+            if (got1 - got0 == beats and after - before == wire_bytes(y.numel() * 8)
+                    + beats * wire_bytes(0)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert beats >= 2, beats
         assert got1 - got0 == beats  # every heartbeat read, none taken for a message
         assert after - before == wire_bytes(y.numel() * 8) + beats * wire_bytes(0)
