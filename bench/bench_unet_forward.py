@@ -86,7 +86,32 @@ def _kernel_split(prof):
     return kernel, wait, other, top
 
 
-def _party(batch, variants, cprofile=False, cse=True):
+def _batch_sweep(enc, info, batches, variant):
+    """One forward per batch size in ``batches`` on ``variant`` (export and weight sharing of a
+    new batch size done before the meter starts): {batch: cost totals}."""
+    from cipherdm_torch.compiler import graph as graph_mod
+    from cipherdm_torch.protocols import config, recorded_ranges
+    from cipherdm_torch.protocols.replicated import backend as rss_backend
+
+    protocols, _, backend = variant.partition("+")
+    knobs = {}
+    if protocols == "calibrated":
+        protocols, knobs = "optimised", recorded_ranges.calibrated_settings()
+    out = {}
+    for b in batches:
+        x, t, y = _inputs(b)
+        with enc.fixed_point():  # export this batch size now, outside the measurement
+            enc._share_weights(enc._compile(graph_mod.bind_inputs(enc._model, (x, t, y))))
+        ctx = rss_backend.replicated_backend() if backend == "rss" else contextlib.nullcontext()
+        with ctx, config.use(protocols, **knobs):
+            sx = enc.share_input("sample", x if info.is_user else None)
+            sy = enc.share_input("class_labels", y if info.is_user else None)
+            _, meter = enc.profile(sx, t, sy)
+        out[b] = meter.total.as_dict()
+    return out
+
+
+def _party(batch, variants, cprofile=False, cse=True, batches=()):
     from cipherdm_torch import encrypt
     from cipherdm_torch.compiler import graph as graph_mod
     from cipherdm_torch.protocols import config, recorded_ranges
@@ -124,6 +149,8 @@ def _party(batch, variants, cprofile=False, cse=True):
         if prof is not None:
             out["runs"][variant]["cprofile"] = _kernel_split(prof)
     out["ping_pong_s"] = _ping_pong()
+    if batches:
+        out["batches"] = _batch_sweep(enc, info, batches, variants[-1])
     return out
 
 
@@ -162,6 +189,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the figures to this file")
     ap.add_argument("--cprofile", action="store_true",
                     help="cProfile party 0's forward of the last variant (kernels vs Python)")
+    ap.add_argument("--batches", type=int, nargs="*", default=[],
+                    help="after the variants, one forward of the last variant per batch size "
+                         "(side by side in one run: time and bytes per image)")
     ap.add_argument("--no-cse", action="store_true",
                     help="no common-subexpression elimination (the graph before issue 15)")
     args = ap.parse_args(argv)
@@ -172,7 +202,8 @@ def main(argv=None):
     x, t, y = _inputs(args.batch)
     with torch.no_grad():
         ref = model(x, t, y).sample
-    results = launch(_party, args.batch, args.variants, args.cprofile, not args.no_cse)
+    results = launch(_party, args.batch, args.variants, args.cprofile, not args.no_cse,
+                     args.batches)
     p0, user = results[0], results[cipherdm_torch.Roles().user]
     print(f"encrypt() (export + share weights): {p0['encrypt_s']:.2f} s")
     summary = {}
@@ -210,6 +241,13 @@ def main(argv=None):
             print(f"{k:<12} {ratio('bytes_sent'):>8} {ratio('rounds'):>8} {ratio('seconds'):>8}")
         summary[f"ratio_total_{other}"] = {f: (o["total"][f] / b["total"][f] if b["total"][f] else None)
                                   for f in ("bytes_sent", "rounds", "seconds")}
+    if args.batches:
+        print(f"\n== batch throughput: {args.variants[-1]} (party 0, one run) ==")
+        print(f"{'batch':>5} {'MB/image':>9} {'s/image':>8} {'rounds':>7} {'wait s':>7}")
+        for b, c in p0["batches"].items():
+            print(f"{b:>5} {c['bytes_sent'] / 1e6 / b:>9.3f} {c['seconds'] / b:>8.2f} "
+                  f"{c['rounds']:>7} {c['wait_seconds']:>7.2f}")
+        summary["batches"] = p0["batches"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
