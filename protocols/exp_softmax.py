@@ -11,8 +11,9 @@ calibrated lower bound of the inputs is known (knob ``exp_input_min``, e.g. the 
 softmax range -9.95 with margin) and lies above -1.75 * 2^n (:func:`exp_safe_bound`), the
 comparison is skipped: there the unclipped result is already within 6e-5 of exp(x).
 
-softmax: row max by a pairwise tree (n - 1 comparisons per row, log2 n rounds,
-no argmax one-hot as in CrypTen), exp of x - max, then the row sum s in
+softmax: row max by a tree of thirds (default ``softmax_max_method="tree3"``: ceil(log3 n)
+levels of one batched comparison each, about 1.5 n comparisons per row; ``"tree"``: by halves,
+n - 1 comparisons, ceil(log2 n) levels; no argmax one-hot as in CrypTen), exp of x - max, then the row sum s in
 [1, n] is inverted by the magnitude-guided reciprocal on [2^0, 2^ceil(log2 n)]
 (log2 n comparisons per ROW), applied as (e * r) * 2^-k so that rows of
 thousands of entries keep their precision.
