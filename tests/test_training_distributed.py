@@ -22,8 +22,8 @@ from synthetic import synthetic_images
 from cipherdm_torch.diffusion.backbones import DDPMppUNet
 from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond
 from cipherdm_torch.training.accounting import epsilon_spent, noise_multiplier_for
-from cipherdm_torch.training.distributed import (WorldDPOptimizer, close_world, init_world,
-                                                 rank_slice)
+from cipherdm_torch.training.distributed import (WorldDPOptimizer, check_ranks_agree, close_world,
+                                                 init_world, rank_slice)
 from cipherdm_torch.training.dpsgd import DPSGDEngine
 from cipherdm_torch.training.loss import rows_for
 
@@ -129,6 +129,10 @@ def _engine_worker(world):
             sink.append(_flat(den) - b)
     out["noise"] = torch.cat(deltas)
     out["naive_noise"] = torch.cat(naive)
+    try:  # ranks that see different data refuse to train, all of them
+        check_ranks_agree(world, {"dataset": f"sha256:{world.rank}", "steps": 3})
+    except RuntimeError as e:
+        out["disagree"] = str(e)
     return out
 
 
@@ -157,6 +161,7 @@ def test_two_process_step_equals_single_process_step_and_noise_added_once(tmp_pa
     assert abs(ratio - 1) < 0.02
     assert abs(naive - np.sqrt(2)) < 0.03
     assert abs(float(r0["noise"].mean())) < 0.02 * target
+    assert "dataset" in r0.get("disagree", "") and r0["disagree"] == r1.get("disagree")
 
 
 # ------------------------------------------------------------------------ trainer: ledger
@@ -209,7 +214,8 @@ def _trainer_worker(world, root):
                          steps=10_000, checkpoint_every=0, sample_grid=False), dataset=ds)
     bled = b.train(progress=False)
     return {"writes": writes, "first": first, "resumed_at": resumed_at, "second": second,
-            "weights": weights, "budget": (b.step_count, bled.steps, bled.notes["stopped_by_budget"]),
+            "weights": weights,
+            "budget": (b.step_count, bled.steps, bled.notes["stopped_by_budget"]),
             "q": t.sample_rate, "sigma": t.config.noise_multiplier}
 
 
@@ -280,7 +286,8 @@ def test_torchrun_two_processes_cli(tmp_path):
     sigma = noise_multiplier_for(6.0, 1e-5, q, 3)
     assert led.history == [[sigma, q, 3]] and led.notes["world_size"] == 2
     single = epsilon_spent([(sigma, q, 3)], 1e-5)
-    print(f"torchrun ledger epsilon {led.epsilon_spent:.6f}, single-process accounting {single:.6f}")
+    print(f"torchrun ledger epsilon {led.epsilon_spent:.6f}, "
+          f"single-process accounting {single:.6f}")
     assert led.epsilon_spent == pytest.approx(single, rel=1e-12) and led.epsilon_spent <= 6
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == [
         "checkpoint-0000002", "checkpoint-0000003"]

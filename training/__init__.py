@@ -2,7 +2,8 @@
 
 Layer 3 (never imports CrypTen): the DP-SGD engine with noise multiplicity K (:mod:`.dpsgd`), its
 loss (:mod:`.loss`), privacy accounting (:mod:`.accounting`), the privacy ledger (:mod:`.ledger`),
-the trainer and its config (:mod:`.trainer`), and the DP-SGD step benchmark (:mod:`.benchmark`).
+the trainer and its config (:mod:`.trainer`), data-parallel training on torchrun
+(:mod:`.distributed`), and the DP-SGD step benchmark (:mod:`.benchmark`).
 The denoiser, its backbones and samplers are in :mod:`cipherdm_torch.diffusion`; data sets in
 :mod:`cipherdm_torch.data`.
 

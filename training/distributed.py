@@ -11,8 +11,8 @@ One logical step, world of W processes:
    same draw a single process makes with that generator, and sends the sampled indices to every
    rank (one broadcast of at most a few thousand integers). Rank r keeps the r-th of W contiguous,
    near-equal slices (:func:`rank_slice`). Every example joins the global batch exactly once, with
-   probability q, so the mechanism, and the accounting for (q, sigma, steps), is that of one process;
-   the world size is not a privacy parameter and a run may resume with a different one.
+   probability q, so the mechanism, and the accounting for (q, sigma, steps), is that of one
+   process; the world size is not a privacy parameter and a run may resume with a different one.
 2. **Per-example gradients**: each rank clips its examples' gradients to C (noise multiplicity K
    collapsed first, :mod:`.dpsgd`) and sums them, over its micro-batches.
 3. **Noise, once**: rank 0 alone adds N(0, sigma^2 C^2 I) to its partial sum (the noise generator
@@ -20,8 +20,9 @@ One logical step, world of W processes:
    *global* expected batch qN. Every rank then holds the same gradient
    ``(sum_i clip(g_i) + N(0, sigma^2 C^2 I)) / qN``, the single-process update, and the same
    weights after the optimiser step (Opacus' ``DistributedDPOptimizer``, with one all-reduce and the
-   global batch: :class:`WorldDPOptimizer`). Noise added by every rank would be sqrt(W) times
-   too large; averaging noised per-rank means, sqrt(W) times too small relative to the clipped sum.
+   global batch: :class:`WorldDPOptimizer`). Noise added by every rank (a plain DP optimizer per
+   rank, then averaging) would be sqrt(W) times sigma C / qN: more noise than the accounting
+   charges for, a worse model at the same epsilon.
 4. **Ledger, config, checkpoints**: rank 0 writes them (the ledger records the step before rank 0
    joins the all-reduce, so before any noised gradient exists); every rank keeps the same ledger in
    memory, so the budget stop and the step count agree on all ranks.
@@ -43,7 +44,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from cipherdm_torch.errors import UserError
 
 __all__ = ["World", "SINGLE", "torchrun_world_size", "init_world", "close_world", "resolve_device",
-           "rank_slice", "broadcast_object", "check_ranks_agree", "all_reduce_mean",
+           "rank_slice", "broadcast_object", "check_ranks_agree", "barrier", "all_reduce_mean",
            "broadcast_module", "WorldDPOptimizer"]
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -176,6 +177,12 @@ def check_ranks_agree(world: World, facts: Dict[str, Any], what: str = "the run"
                            "must see the same data, run folder and code")
 
 
+def barrier(world: World) -> None:
+    """Wait until every rank gets here (e.g. until rank 0 has written the ledger)."""
+    if world.distributed:
+        dist.barrier()
+
+
 def all_reduce_mean(world: World, value_sum: float, count: int, device: torch.device) -> float:
     """Sum of ``value_sum`` over ranks divided by the sum of ``count`` (NaN if that is 0)."""
     t = torch.tensor([float(value_sum), float(count)], dtype=torch.float64, device=device)
@@ -207,7 +214,7 @@ class WorldDPOptimizer(DistributedDPOptimizer):
     N(0, sigma^2 C^2 I) (``DistributedDPOptimizer.add_noise``); each rank divides by the global
     expected batch (``scale_grad``); the sums are all-reduced once, flattened (SUM, no division by
     the world size, unlike Opacus' per-tensor reduce with a per-rank expected batch: same result).
-    The result on every rank is ``(sum over all ranks' clipped gradients + noise) / expected batch``.
+    The result on every rank: ``(sum of all ranks' clipped gradients + noise) / expected batch``.
     """
 
     def reduce_gradients(self):

@@ -46,9 +46,10 @@ from cipherdm_torch.diffusion.sampling import sample as sample_images
 from cipherdm_torch.errors import UserError
 from cipherdm_torch.files import atomic_write_json, read_json
 from cipherdm_torch.training.accounting import noise_multiplier_for
-from cipherdm_torch.training.distributed import (World, all_reduce_mean, broadcast_module,
-                                                 broadcast_object, check_ranks_agree, close_world,
-                                                 init_world, rank_slice, resolve_device)
+from cipherdm_torch.training.distributed import (World, all_reduce_mean, barrier,
+                                                 broadcast_module, broadcast_object,
+                                                 check_ranks_agree, close_world, init_world,
+                                                 rank_slice, resolve_device)
 from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
 from cipherdm_torch.training.ledger import LEDGER_FILE, BudgetExceeded, LedgerError, PrivacyLedger
 
@@ -191,7 +192,7 @@ def _weights_digest(*modules: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for m in modules:
         for t in list(m.parameters()) + list(m.buffers()):
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -484,6 +485,7 @@ class DPDMTrainer:
         self.ledger.notes["stopped_by_budget"] = bool(stopped_by_budget)
         if self.world.is_main:
             self.ledger.save(self.ledger_path)
+        barrier(self.world)  # no rank returns before rank 0's ledger and checkpoint are written
         if bar is not None:
             bar.set_postfix(loss=f"{loss_avg:.3f}" if loss_avg else "-", eps=f"{self.epsilon_spent:.3f}")
             bar.close()
@@ -504,6 +506,7 @@ class DPDMTrainer:
         else:
             self.ledger.epsilon_spent = self.ledger.compute_epsilon()
             self.ledger.checkpoint, self.ledger.checkpoint_step = name, self.step_count
+        barrier(self.world)
         return final
 
     def _write_checkpoint(self, name: str, final: str) -> None:
