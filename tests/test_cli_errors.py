@@ -134,6 +134,7 @@ def _snapshot(root) -> dict:
 def no_parties(monkeypatch):
     import cipherdm_torch
     from cipherdm_torch.mpc import runtime
+    from cipherdm_torch.pipelines import job
 
     def trap(*a, **k):
         raise AssertionError("a party was started although the input could be checked first")
@@ -141,6 +142,7 @@ def no_parties(monkeypatch):
     monkeypatch.setattr(runtime.PartyPool, "start", trap)
     monkeypatch.setattr(runtime, "launch", trap)
     monkeypatch.setattr(cipherdm_torch, "launch", trap)
+    monkeypatch.setattr(job, "launch", trap)  # the sampling job's own binding
 
 
 @pytest.mark.parametrize("argv,needle", CASES, ids=[c[0].replace("{w}/", "") for c in CASES])

@@ -57,7 +57,7 @@ def test_private_arguments_reach_only_their_party(parties):
 
 
 def test_sample_command_sends_the_seed_and_labels_to_the_user_only(monkeypatch, tmp_path):
-    from cipherdm_torch.pipelines.secure import job as secure_sample
+    from cipherdm_torch.pipelines import job
 
     seen = {}
 
@@ -65,16 +65,15 @@ def test_sample_command_sends_the_seed_and_labels_to_the_user_only(monkeypatch, 
         seen.update(args=args, kwargs=kwargs, private=private)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(cipherdm_torch, "launch", fake_launch)
-    spec = secure_sample.SampleSpec(model=secure_sample.embedded_model_dir(), labels=[3, 1, 4],
-                                    seed=271828)
+    monkeypatch.setattr(job, "launch", fake_launch)
+    spec = job.SampleSpec(model=job.embedded_model_dir(), labels=[3, 1, 4], seed=271828)
     with pytest.raises(RuntimeError, match="stop here"):
-        secure_sample.run(spec, str(tmp_path))
+        job.run_job(spec, str(tmp_path))
     text = repr((seen["args"], seen["kwargs"]))
     assert "271828" not in text and "[3, 1, 4]" not in text  # nothing secret for every party
     assert seen["private"] == {1: {"seed": 271828, "labels": [3, 1, 4]}}  # the user (rank 1)
     with pytest.raises(RuntimeError, match="stop here"):
-        secure_sample.run(spec, str(tmp_path), check=True)
+        job.run_job(spec, str(tmp_path), check=True)
     assert set(seen["private"]) == {0, 1}  # --check: the owner's debugging tool
 
 
