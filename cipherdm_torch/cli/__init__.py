@@ -56,6 +56,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     return run_main(_dispatch, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
