@@ -262,6 +262,7 @@ def _idx_dir(folder, n=48, res=8):
             f.write(head + arr.tobytes())
 
 
+@pytest.mark.slow  # a real torchrun of the CLI: the same code paths as the two spawned tests above
 def test_torchrun_two_processes_cli(tmp_path):
     from cipherdm_torch.training import PrivacyLedger
 
