@@ -7,6 +7,7 @@ from cipherdm_torch.training.dpsgd import DPSGDEngine, poisson_sample
 from cipherdm_torch.training.loss import per_example_loss, rows_for
 from cipherdm_torch.diffusion.denoiser import Denoiser, EDMPrecond
 from cipherdm_torch.diffusion.backbones import DDPMppUNet, make_diffusers_unet
+from per_example_grads import reference_grads
 
 torch.set_num_threads(1)
 
@@ -35,18 +36,6 @@ def _batch(b=3, res=8, seed=0):
     return x0, labels
 
 
-def _reference_grads(den, x0, labels, rows, k):
-    """Per-example gradients by a plain autograd loop, one example (K rows) at a time."""
-    out = []
-    for i in range(x0.shape[0]):
-        den.zero_grad(set_to_none=True)
-        r = tuple(t[i * k:(i + 1) * k] for t in rows)
-        per_example_loss(den, den, x0[i:i + 1], labels[i:i + 1], k, rows=r).sum().backward()
-        out.append({n: p.grad.detach().clone() for n, p in den.named_parameters()})
-    den.zero_grad(set_to_none=True)
-    return out
-
-
 def _max_rel_err(got, ref):
     worst = 0.0
     for i, r in enumerate(ref):
@@ -72,7 +61,7 @@ def test_per_example_grads_match_autograd_loop(backbone, mode):
     den.train()
     x0, labels = _batch()
     rows = rows_for(den, x0, labels, k, generator=torch.Generator().manual_seed(1))
-    ref = _reference_grads(den, x0, labels, rows, k)
+    ref = reference_grads(den, x0, labels, rows, k)
     eng = DPSGDEngine(den, torch.optim.SGD(den.parameters(), lr=0.1), noise_multiplier=1.0,
                       max_grad_norm=1.0, expected_batch_size=3, k=k, grad_sample_mode=mode)
     got = eng.per_example_grads(x0, labels, rows=rows)
