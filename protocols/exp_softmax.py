@@ -10,6 +10,12 @@ below -exp_clip are set to exactly 0 by one comparison (knob
 calibrated lower bound of the inputs is known (knob ``exp_input_min``, e.g. the recorded
 softmax range -9.95 with margin) and lies above -1.75 * 2^n (:func:`exp_safe_bound`), the
 comparison is skipped: there the unclipped result is already within 6e-5 of exp(x).
+The first square is taken untruncated (one truncation for the division by 2^n and the
+square) only where truncation is exact (:func:`truncation_is_exact`): its raw value is about
+2^(2n + 2f) = 2^44, and CrypTen's own ``replicated`` protocol truncates with ABY3's two-share
+method, which is wrong by ~2^64 / d with probability ~|x| / 2^64 per element (1e-6 at
+2^44, measured: one garbage entry per ~120 softmaxes of 2 x 4096). There the plain order
+(x / 2^n first, values <= 1) keeps that probability near 2^-32.
 
 softmax: row max by a tree of thirds (default ``softmax_max_method="tree3"``: ceil(log3 n)
 levels of one batched comparison each, about 1.5 n comparisons per row; ``"tree"``: by halves,
@@ -25,6 +31,7 @@ import math
 from typing import Optional
 
 import torch
+import crypten
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
@@ -32,7 +39,22 @@ from cipherdm_torch.protocols import config
 from cipherdm_torch.protocols.max_tree import larger_by_sign, ternary_max, tree_max
 from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
 
-__all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax"]
+__all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax",
+           "truncation_is_exact"]
+
+# CrypTen protocols (``crypten.cfg.mpc.protocol``) whose truncation is exact: Beaver's (wrap
+# count from the provider) and this package's replicated backend unless it was set to ABY3's
+# probabilistic truncation (``protocols.config`` knob ``truncation``)
+_EXACT_TRUNCATION = ("beaver", "rss")
+
+
+def truncation_is_exact() -> bool:
+    """Whether the active protocol divides shares by a public integer without a probability of
+    a large error that grows with |x| (CrypTen's ``replicated``: ~|x| / 2^64 per element)."""
+    protocol = crypten.cfg.mpc.protocol
+    if protocol == "rss":
+        return config.current().truncation == "exact"
+    return protocol in _EXACT_TRUNCATION
 
 
 def _clip_bound(cfg) -> float:
@@ -60,7 +82,7 @@ def exp(x: MPCTensor) -> MPCTensor:
     keep = None
     if _needs_clip(cfg):
         keep = 1 - (x + _clip_bound(cfg))._ltz()  # [x >= -bound], integer scale
-    if n < 1 or x.encoder.scale <= 1:
+    if n < 1 or x.encoder.scale <= 1 or not truncation_is_exact():
         return _exp_plain_order(x, n, keep)
     # b(z) = ((1 + z)^2 + 1) / 2 with 1 + z = (x + 2^n) / 2^n: the division by 2^n and the
     # square are ONE truncation of the untruncated square of u = x + 2^n, and the halving

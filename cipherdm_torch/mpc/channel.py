@@ -22,7 +22,11 @@ they come from an authenticated key exchange and never travel in the clear.
 
 Threads: each link has one sender thread (so two parties sending large messages to each
 other cannot deadlock on full socket buffers); receives are read in the caller's thread
-in the order they were posted.
+in the order they were posted. OpenSSL forbids using one connection from two threads at
+once, and Python's ``ssl`` does not serialise it: a read racing the sender thread's write
+(heartbeats make that common) ends in a spurious EOF or a stuck stream. So the socket is
+non-blocking and every TLS call runs under the link's lock, which is never held while
+waiting: a call that would block releases it and the thread waits on ``poll()`` outside.
 
 Liveness (a stopped or frozen party is named in bounded time): while a link has nothing to
 send, its sender thread sends a heartbeat frame (a 68-byte header with magic ``CDMB`` and no
@@ -126,11 +130,22 @@ def hang_timeout_from_env(default: float = DEFAULT_HANG_TIMEOUT) -> float:
     return value
 
 
-def _ready(sock, write: bool = False) -> bool:
-    """Whether ``sock`` can be read (or written) without blocking, right now."""
+def _ready(sock, write: bool = False, wait: float = 0.0) -> bool:
+    """Whether ``sock`` can be read (or written) without blocking, within ``wait`` seconds."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT if write else select.POLLIN)
-    return bool(poller.poll(0))
+    return bool(poller.poll(int(wait * 1000)))
+
+
+class _Blocked:
+    """What a non-blocking TLS call needs before it can go on: the socket readable or
+    writable."""
+
+    def __init__(self, write: bool):
+        self.write = write
+
+
+_WANT_READ, _WANT_WRITE = _Blocked(False), _Blocked(True)
 
 
 # ---------------------------------------------------------------- operation labels
@@ -227,8 +242,9 @@ class Link:
         self.mesh, self.peer, self.sock, self.timeout = mesh, peer, sock, timeout
         self.hang_timeout = hang_timeout
         self.heartbeat = hang_timeout / 4  # seconds between heartbeats while idle
-        self.poll = min(1.0, self.heartbeat)  # socket timeout: how often waits check liveness
-        sock.settimeout(self.poll)
+        self.poll = min(1.0, self.heartbeat)  # how often waits check liveness
+        sock.setblocking(False)  # waits happen in poll(), outside the TLS lock
+        self._tls_lock = threading.Lock()  # one TLS call at a time (OpenSSL's rule)
         self.sent_msgs = self.recv_msgs = 0
         self.payload_sent = self.wire_sent = 0
         self.heartbeats_sent = self.heartbeats_received = 0
@@ -292,24 +308,38 @@ class Link:
     def _write(self, data, what: str, label: str) -> None:
         """``sendall`` that tolerates a peer that is slow to read, up to ``timeout`` seconds.
 
-        The socket times out every ``poll`` seconds; a timed-out TLS write is repeated with
-        the same bytes (OpenSSL resumes it), so no byte is lost or doubled.
+        A TLS write that would block is repeated with the same bytes once the socket drains
+        (OpenSSL resumes it), so no byte is lost or doubled; the socket draining counts as
+        progress.
         """
         with memoryview(data) as raw, raw.cast("B") as view:
             pos, n = 0, len(view)
             last = time.monotonic()
             while pos < n:
-                try:
-                    pos += self.sock.send(view[pos:])
-                except socket.timeout:
-                    if time.monotonic() - last > self.timeout:
+                got = self._tls(self.sock.send, view[pos:])
+                if isinstance(got, _Blocked):
+                    if _ready(self.sock, got.write, self.poll):
+                        last = time.monotonic()
+                    elif time.monotonic() - last > self.timeout:
                         raise ChannelError(
                             f"link between parties {self.mesh.rank} and {self.peer}: no "
                             f"progress for {self.timeout:.0f} s during {what} at op {label!r} "
-                            f"(party {self.peer} does not read)") from None
+                            f"(party {self.peer} does not read)")
                     continue
+                pos += got
                 last = time.monotonic()
         self._last_tx = time.monotonic()
+
+    def _tls(self, call: Callable, *args):
+        """One TLS read or write under the link's lock: its result, or :class:`_Blocked`
+        (what to wait for, outside the lock) when it would block."""
+        with self._tls_lock:
+            try:
+                return call(*args)
+            except ssl.SSLWantReadError:
+                return _WANT_READ
+            except ssl.SSLWantWriteError:
+                return _WANT_WRITE
 
     def _beat(self) -> None:
         """Send one heartbeat, unless the link is broken or the peer's buffers are full."""
@@ -406,12 +436,15 @@ class Link:
 
     def _readable(self) -> bool:
         try:
-            return bool(self.sock.pending()) or _ready(self.sock)
+            with self._tls_lock:
+                if self.sock.pending():
+                    return True
+            return _ready(self.sock)
         except (OSError, ValueError):
             return True  # let the read report what is wrong
 
     def _check_alive(self, what: str, label: str) -> None:
-        """A read timed out (``poll`` s without a byte): raise if the wait has gone on too long."""
+        """``poll`` s passed without a byte: raise if the wait has gone on too long."""
         now = time.monotonic()
         silent = now - self._heard
         if silent >= self.hang_timeout and not self._readable():
@@ -426,12 +459,13 @@ class Link:
         pos, n = 0, len(view)
         while pos < n:
             try:
-                k = self.sock.recv_into(view[pos:], n - pos)
-            except socket.timeout:
-                self._check_alive(what, label)
-                continue
+                k = self._tls(self.sock.recv_into, view[pos:], n - pos)
             except BaseException as exc:
                 raise self._error(exc, what, label) from exc
+            if isinstance(k, _Blocked):
+                if not _ready(self.sock, k.write, self.poll):
+                    self._check_alive(what, label)
+                continue
             if k == 0:
                 raise self._closed(what, label)
             pos += k
@@ -450,11 +484,11 @@ class Link:
                 if not self._readable():
                     return None
                 try:
-                    k = self.sock.recv_into(view[self._hdr_pos:])
-                except socket.timeout:
-                    return None
+                    k = self._tls(self.sock.recv_into, view[self._hdr_pos:])
                 except BaseException as exc:
                     raise self._error(exc, "a message header", label) from exc
+                if isinstance(k, _Blocked):
+                    return None
                 if k == 0:
                     raise self._closed("a message header", label)
                 self._hdr_pos += k

@@ -415,3 +415,38 @@ def test_every_key_bit_matters_and_streams_look_uniform():
     s = KeyStream(key)
     a, b = s.bytes(1000), s.bytes(1000)
     assert torch.equal(torch.cat([a, b]), KeyStream(key).bytes(2000))
+
+
+def test_full_duplex_traffic_with_heartbeats_keeps_the_link(tmp_path):
+    # OpenSSL forbids two threads in one TLS connection at once: a read racing the sender
+    # thread's write (a heartbeat every 50 ms here, and the other direction's data) used to
+    # end in a spurious "link closed" within seconds
+    meshes, _ = _meshes(tmp_path / "keys", hang_timeout=0.2)
+    errors, counts = [], [0, 0]
+
+    def side(me, peer):
+        try:
+            for _ in range(150):  # the same count on both sides: every send has its receive
+                size = (1, 1000, 100_000)[counts[me] % 3]
+                works = meshes[me].isend(torch.arange(size) * (me + 1), peer)
+                got = torch.empty(size, dtype=torch.long)
+                meshes[me].recv(got, peer)
+                works.wait()
+                assert torch.equal(got, torch.arange(size) * (peer + 1))
+                counts[me] += 1
+                if counts[me] % 10 == me:
+                    time.sleep(0.08)  # idle past a heartbeat period while the peer reads
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+    try:
+        threads = [threading.Thread(target=side, args=(0, 1)),
+                   threading.Thread(target=side, args=(1, 0))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert counts == [150, 150], counts
+        assert meshes[0].links[1].heartbeats_sent + meshes[1].links[0].heartbeats_sent > 0
+    finally:
+        _close(meshes)

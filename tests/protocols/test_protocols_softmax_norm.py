@@ -97,3 +97,22 @@ def test_softmax_exp_norm_three_parties(parties, protocol):
     assert (r["group_norm"] - gn).abs().max() < 0.02
     ln = F.layer_norm(d["tokens"], (16,), d["lw"], None)
     assert (r["layer_norm"] - ln).abs().max() < 0.02
+
+
+def _exp_many(x, protocol):
+    rss_backend.install()
+    with crypten.cfg.temp_override({"mpc.protocol": protocol}), \
+            config.use(exp_squarings=10, exp_clip_compare=False):
+        return P.exp(crypten.cryptensor(x)).get_plain_text()
+
+
+@pytest.mark.parametrize("protocol", ["replicated", "rss"])
+def test_exp_survives_probabilistic_truncation(parties, protocol):
+    # CrypTen's "replicated" truncation is wrong with probability ~|x| / 2^64 per element. With
+    # 10 squarings an untruncated first square would be ~2^52 (rate 2^-12: ~24 garbage entries
+    # in 100,000); exp must keep its products small there (rate ~2^-32), and may take the
+    # large product only where truncation is exact (our backend's default)
+    x = torch.linspace(-8, 0, 100_000)
+    y = parties.run(_exp_many, x, protocol)[0]
+    err = (y - x.exp()).abs()  # 10 squarings amplify the rounding to ~0.02; garbage is far off
+    assert err.max() < 0.05, f"{int((err > 0.05).sum())} garbage entries, worst {err.max():.3g}"
