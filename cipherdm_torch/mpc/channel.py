@@ -137,6 +137,10 @@ def _ready(sock, write: bool = False, wait: float = 0.0) -> bool:
     return bool(poller.poll(int(wait * 1000)))
 
 
+# how often a waiting send looks for arrived messages to read (seconds)
+_SEND_POLL = 0.002
+
+
 class _Blocked:
     """What a non-blocking TLS call needs before it can go on: the socket readable or
     writable."""
@@ -202,12 +206,20 @@ class Work:
 
 class _SendWork(Work):
     def wait(self, timeout=None):
+        """Wait until the sender thread has written the message. Meanwhile read every message
+        that has begun to arrive for a receive posted on this mesh: a send drains only while
+        its peer reads, so three parties that each wait on a send to their successor before
+        reading their predecessor (CrypTen's replication does) would otherwise stall for good
+        once a message outgrows the socket buffers (8 MB on loopback)."""
         link = self.link
-        if not self.done.wait(link.poll):
-            start = time.monotonic() - link.poll
+        if not self.done.wait(0.001):
+            start = time.monotonic()
             link.waiting = ("send", self.label, start)
             try:
-                while not self.done.wait(link.poll):
+                while True:
+                    link.mesh.read_arrived(self.label, start)
+                    if self.done.wait(_SEND_POLL):
+                        break
                     waited = time.monotonic() - start
                     if waited > link.timeout:
                         raise ChannelError(f"link to party {link.peer}: send timed out after "
@@ -754,6 +766,13 @@ class Mesh:
 
     def irecv(self, tensor: torch.Tensor, src: int) -> _RecvWork:
         return self.link(src).post_recv(tensor)
+
+    def read_arrived(self, label: str, since: float) -> None:
+        """Read each message that has begun to arrive for a posted receive, on every link
+        (never waits for one that has not); see :meth:`_SendWork.wait`."""
+        for link in list(self.links.values()):
+            if link._pending:
+                link.watch(label, since)
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         self.isend(tensor, dst).wait()

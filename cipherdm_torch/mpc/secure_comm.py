@@ -204,7 +204,7 @@ def _secure_class(base):
         def _exchange(self, sends, recvs):
             m = self._mesh()
             works = [m.isend(t, d) for t, d in sends] + [m.irecv(t, s) for t, s in recvs]
-            for w in works:
+            for w in works[::-1]:  # receives first: the sender threads write meanwhile
                 w.wait()
 
         def broadcast(self, input, src, group=None, batched=False):

@@ -189,7 +189,7 @@ def exchange(sends: Sequence[Tuple[torch.Tensor, int]],
     landing = [buf if buf.is_contiguous() else torch.empty(buf.shape, dtype=buf.dtype)
                for buf, _ in recvs]
     reqs += [c.irecv(land, src=src) for land, (_, src) in zip(landing, recvs)]
-    for r in reqs:
+    for r in reqs[::-1]:  # receives first: the sender threads write meanwhile
         r.wait()
     for land, (buf, _) in zip(landing, recvs):
         if land is not buf:

@@ -450,3 +450,36 @@ def test_full_duplex_traffic_with_heartbeats_keeps_the_link(tmp_path):
         assert meshes[0].links[1].heartbeats_sent + meshes[1].links[0].heartbeats_sent > 0
     finally:
         _close(meshes)
+
+
+def test_a_ring_of_large_sends_waited_before_the_receives_completes(tmp_path):
+    # CrypTen's replication: each party sends to its successor and waits for that send before
+    # it reads its predecessor. 16 MB outgrows the socket buffers, so every send stalls unless
+    # a waiting send reads what has arrived (it used to hang until the link timeout)
+    meshes, _ = _meshes(tmp_path / "keys", timeout=20)
+    n = 2 << 20
+    box = {}
+
+    def party(r):
+        try:
+            got = torch.empty(n, dtype=torch.long)
+            work = meshes[r].isend(torch.full((n,), r), (r + 1) % 3)
+            recv = meshes[r].irecv(got, (r - 1) % 3)
+            work.wait()
+            recv.wait()
+            box[r] = got
+        except BaseException as exc:  # reported below
+            box[r] = exc
+    try:
+        threads = [threading.Thread(target=party, args=(r,)) for r in range(3)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(torch.is_tensor(box.get(r)) for r in range(3)), box
+        for r in range(3):
+            assert torch.equal(box[r], torch.full((n,), (r - 1) % 3))
+        assert time.monotonic() - t0 < 15
+    finally:
+        _close(meshes)
