@@ -7,6 +7,9 @@ JSON-ready report:
   the synthetic pairs (``classifiers``);
 * ``fid_classifier``: FID in the feature space of the project's MNIST classifier (``feature_net``),
   always computed;
+* ``*_pytorch_fid``: the same FID recomputed by pytorch-fid's ``calculate_frechet_distance`` on
+  the same feature statistics when that package is installed (a cross-check), and
+  ``*_images``: the generated and reference image counts and the reference split;
 * ``fid_inception``: FID with the FID-standard InceptionV3 (``inception``), when its weights are
   installed and either a GPU is present or it is asked for (about a second per image on a CPU).
 
@@ -31,7 +34,8 @@ from cipherdm_torch.diffusion.sampling import sample
 from cipherdm_torch.errors import UserError
 from cipherdm_torch.evaluation.classifiers import downstream_accuracies
 from cipherdm_torch.evaluation.feature_net import load_feature_net
-from cipherdm_torch.evaluation.fid import feature_stats, fid_from_features, reference_stats
+from cipherdm_torch.evaluation.fid import (feature_stats, fid_from_features, independent_fid,
+                                           reference_stats)
 from cipherdm_torch.evaluation.inception import InceptionFeatures, inception_available
 from cipherdm_torch.training.ledger import read_ledger
 from cipherdm_torch.training.trainer import resolve_checkpoint
@@ -179,6 +183,9 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
         ref = reference_stats(dev_fn, net.extractor_id, train, progress=progress)
         gen = feature_stats(dev_fn, generated.images, progress="classifier features" if progress else None)
         report["fid_classifier"] = fid_from_features(gen, ref)
+        report["fid_classifier_pytorch_fid"] = independent_fid(gen, ref)
+        report["fid_classifier_images"] = {"generated": gen.n, "reference": ref.n,
+                                           "reference_split": "train"}
         report["fid_classifier_net"] = {"id": net.extractor_id,
                                         "test_accuracy": net.meta.get("test_accuracy")}
         report["seconds"]["fid_classifier"] = round(time.perf_counter() - t0, 1)
@@ -194,7 +201,9 @@ def evaluate(generated: ImageDataset, data: str = "mnist", classifiers: Iterable
         ref = reference_stats(dev_fn, InceptionFeatures.extractor_id, ref_ds, batch_size=bs, progress=progress)
         gen = feature_stats(dev_fn, gen_ds.images, batch_size=bs, progress="inception features" if progress else None)
         report["fid_inception"] = fid_from_features(gen, ref)
-        report["fid_inception_images"] = {"generated": len(gen_ds), "reference": len(ref_ds)}
+        report["fid_inception_pytorch_fid"] = independent_fid(gen, ref)
+        report["fid_inception_images"] = {"generated": len(gen_ds), "reference": len(ref_ds),
+                                          "reference_split": "train"}
         report["seconds"]["fid_inception"] = round(time.perf_counter() - t0, 1)
     else:
         report["fid_inception"] = None

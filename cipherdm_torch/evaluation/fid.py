@@ -31,6 +31,7 @@ __all__ = [
     "frechet_distance",
     "feature_stats",
     "fid_from_features",
+    "independent_fid",
     "reference_stats",
     "cache_dir",
 ]
@@ -86,6 +87,22 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray,
 
 def fid_from_features(a: FeatureStats, b: FeatureStats) -> float:
     return frechet_distance(a.mu, a.cov, b.mu, b.cov)
+
+
+def independent_fid(a: FeatureStats, b: FeatureStats):
+    """The same distance by ``pytorch-fid``'s ``calculate_frechet_distance`` (scipy ``sqrtm``),
+    so a report carries its own cross-check against the reference implementation: a float,
+    None when pytorch-fid is not installed, or the error text when it refuses (its ``sqrtm``
+    fails on the singular covariances of fewer samples than feature dimensions, where the
+    symmetric ``eigh`` form above still gives the distance)."""
+    try:
+        from pytorch_fid.fid_score import calculate_frechet_distance  # optional dependency
+    except ImportError:
+        return None
+    try:
+        return float(calculate_frechet_distance(a.mu, a.cov, b.mu, b.cov))
+    except (ValueError, np.linalg.LinAlgError) as exc:
+        return f"pytorch-fid failed: {exc}"
 
 
 @torch.no_grad()

@@ -1,0 +1,45 @@
+"""Exact ring products through float64 limbs, against torch's int64 kernels, bit for bit."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cipherdm_torch.protocols.replicated.ring import MAX_TERMS, ring_product
+
+
+def _ring(shape, g):
+    return torch.randint(-2 ** 63, 2 ** 63 - 1, shape, generator=g, dtype=torch.long)
+
+
+CASES = [
+    (torch.matmul, (5, 7), (7, 3), {}),
+    (torch.matmul, (2, 4, 6, 33), (33, 9), {}),  # broadcast batch dimensions
+    (torch.matmul, (3, 1, 8, 16), (2, 16, 8), {}),
+    (torch.matmul, (12,), (12, 4), {}),
+    (F.conv2d, (2, 3, 9, 9), (5, 3, 3, 3), {"padding": 1}),
+    (F.conv2d, (1, 4, 10, 8), (6, 4, 3, 1), {"stride": 2, "dilation": 2, "padding": (2, 0)}),
+    (F.conv1d, (2, 3, 20), (4, 3, 5), {"stride": 3}),
+    (F.conv_transpose2d, (2, 4, 5, 5), (4, 3, 3, 3), {"stride": 2, "padding": 1,
+                                                       "output_padding": 1}),
+    (F.conv_transpose1d, (1, 3, 7), (3, 2, 4), {"stride": 2}),
+    (F.conv2d, (1, 4, 6, 6), (4, 2, 3, 3), {"groups": 2}),  # grouped: int64 fallback
+    (torch.mul, (4, 5), (4, 5), {}),  # elementwise: int64
+]
+
+
+@pytest.mark.parametrize("op,xs,ys,kw", CASES)
+def test_ring_product_is_bit_exact(op, xs, ys, kw):
+    g = torch.Generator().manual_seed(len(xs) * 31 + len(ys))
+    x, y = _ring(xs, g), _ring(ys, g)
+    assert torch.equal(ring_product(op, x, y, **kw), op(x, y, **kw))
+
+
+def test_extreme_values_and_the_exactness_bound():
+    # all-ones limbs maximise every float64 partial sum: 2^32 K must stay below 2^53
+    k = 4096
+    x = torch.full((2, k), -1, dtype=torch.long)  # 0xFFFF...F
+    y = torch.full((k, 3), -1, dtype=torch.long)
+    assert torch.equal(ring_product(torch.matmul, x, y), x @ y)
+    assert MAX_TERMS == 2 ** 21
+    big = torch.ones(1, MAX_TERMS + 1, dtype=torch.long)  # past the bound: int64 kernel
+    assert int(ring_product(torch.matmul, big, big.t())) == MAX_TERMS + 1
