@@ -42,10 +42,10 @@ from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
 __all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax",
            "truncation_is_exact"]
 
-# CrypTen protocols (``crypten.cfg.mpc.protocol``) whose truncation is exact: Beaver's (wrap
-# count from the provider) and this package's replicated backend unless it was set to ABY3's
-# probabilistic truncation (``protocols.config`` knob ``truncation``)
-_EXACT_TRUNCATION = ("beaver", "rss")
+# CrypTen's own protocols whose truncation is exact: Beaver's (wrap count from the provider).
+# This package's "rss" backend is exact unless set to ABY3's probabilistic truncation
+# (``protocols.config`` knob ``truncation``)
+_EXACT_TRUNCATION = ("beaver",)
 
 
 def truncation_is_exact() -> bool:

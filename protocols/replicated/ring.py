@@ -16,10 +16,9 @@ Elementwise ``mul`` needs none of this (int64 multiplication wraps on every devi
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["ring_product", "LIMB_BITS", "MAX_TERMS"]
 
@@ -33,37 +32,32 @@ def _limbs(x: torch.Tensor) -> list:
     return [((x >> (LIMB_BITS * i)) & _MASK).to(torch.float64) for i in range(_LIMBS)]
 
 
-# op -> (dimension of the right factor that indexes outputs, terms per output)
-def _matmul_terms(x, y, kw) -> Optional[Tuple[int, int]]:
+# A layout maps (x, y, options) to (the right factor's dimension that indexes outputs, the
+# result's dimension it extends, terms per output), or None when the limbs cannot take the case
+Layout = Callable[[torch.Tensor, torch.Tensor, dict], Optional[Tuple[int, int, int]]]
+
+
+def _matmul_layout(x, y, kw) -> Optional[Tuple[int, int, int]]:
     if x.dim() < 1 or y.dim() < 2:
         return None
-    return -1, x.shape[-1]
+    return -1, -1, x.shape[-1]
 
 
-def _conv_terms(x, w, kw) -> Optional[Tuple[int, int]]:
-    if kw.get("groups", 1) != 1:
-        return None
-    k = w.shape[1]
-    for s in w.shape[2:]:
-        k *= s
-    return 0, k
+def _conv_layout(out_dim: int) -> Layout:
+    """Convolutions whose weight holds the output channels in ``out_dim`` (0; 1 when
+    transposed): every output sums over the weight's other channels times its kernel."""
+    def layout(x, w, kw):
+        if kw.get("groups", 1) != 1:
+            return None
+        return out_dim, 1, w.numel() // w.shape[out_dim]
+    return layout
 
 
-def _conv_transpose_terms(x, w, kw) -> Optional[Tuple[int, int]]:
-    if kw.get("groups", 1) != 1:
-        return None
-    k = w.shape[0]
-    for s in w.shape[2:]:
-        k *= s
-    return 1, k
-
-
-_LAYOUT = {
-    torch.matmul: _matmul_terms,
-    torch.conv1d: _conv_terms, torch.conv2d: _conv_terms,
-    F.conv1d: _conv_terms, F.conv2d: _conv_terms,
-    torch.conv_transpose1d: _conv_transpose_terms, torch.conv_transpose2d: _conv_transpose_terms,
-    F.conv_transpose1d: _conv_transpose_terms, F.conv_transpose2d: _conv_transpose_terms,
+# torch.nn.functional's convolutions are these same functions
+_LAYOUT: Dict[Callable, Layout] = {
+    torch.matmul: _matmul_layout,
+    torch.conv1d: _conv_layout(0), torch.conv2d: _conv_layout(0),
+    torch.conv_transpose1d: _conv_layout(1), torch.conv_transpose2d: _conv_layout(1),
 }
 
 
@@ -72,30 +66,27 @@ def ring_product(op: Callable, x: torch.Tensor, y: torch.Tensor, *args, **kwargs
 
     matmul and (transposed) convolutions with ``groups=1`` go through float64 limbs; every
     other case (elementwise products, grouped convolutions, a bias, positional options, more
-    than :data:`MAX_TERMS` terms per output on the CPU) runs torch's int64 kernel. On CUDA a case the limbs cannot take
-    is an error, since torch would refuse the int64 kernel anyway.
+    than :data:`MAX_TERMS` terms per output on the CPU) runs torch's int64 kernel. On CUDA a
+    case the limbs cannot take is an error, since torch would refuse the int64 kernel anyway.
     """
     layout = _LAYOUT.get(op)
     info = None
     if (layout is not None and not args and kwargs.get("bias") is None
             and x.dtype == torch.long and y.dtype == torch.long):
         info = layout(x, y, kwargs)
-    if info is None or info[1] > MAX_TERMS:
+    if info is None or info[2] > MAX_TERMS:
         if x.is_cuda and layout is not None:
             raise NotImplementedError(
                 f"{getattr(op, '__name__', op)} of int64 shares on CUDA needs groups=1, keyword "
                 f"options and at most {MAX_TERMS} terms per output; got {kwargs}")
         return op(x, y, *args, **kwargs)
-    out_dim = info[0]
+    weight_dim, result_dim, _ = info
     xs, ys = _limbs(x), _limbs(y)
     out = None
     for i in range(_LIMBS):
         width = _LIMBS - i  # right limbs j = 0 .. 3 - i reach the low 64 bits
-        right = torch.cat(ys[:width], dim=out_dim) if width > 1 else ys[0]
-        part = op(xs[i], right, **kwargs)
-        # the result's dimension the concatenation extends: the last for matmul, the
-        # channels (1) for a convolution
-        pieces = part.chunk(width, dim=-1 if out_dim == -1 else 1)
+        right = torch.cat(ys[:width], dim=weight_dim) if width > 1 else ys[0]
+        pieces = op(xs[i], right, **kwargs).chunk(width, dim=result_dim)
         for j, piece in enumerate(pieces):
             term = piece.to(torch.long) << (LIMB_BITS * (i + j))
             out = term if out is None else out + term
