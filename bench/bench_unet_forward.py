@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 
 import torch
@@ -148,6 +149,8 @@ def _party(batch, variants, cprofile=False, cse=True, batches=()):
                                 "opened": enc.reveal(res[0])}
         if prof is not None:
             out["runs"][variant]["cprofile"] = _kernel_split(prof)
+            if os.environ.get("CIPHERDM_CPROFILE_OUT"):  # raw stats, for pstats / snakeviz
+                prof.dump_stats(os.environ["CIPHERDM_CPROFILE_OUT"])
     out["ping_pong_s"] = _ping_pong()
     if batches:
         out["batches"] = _batch_sweep(enc, info, batches, variants[-1])

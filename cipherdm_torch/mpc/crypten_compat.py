@@ -13,6 +13,9 @@ magnitude lies just below an integer decodes one unit too far from zero
 (-12.99998 -> -13.99998, -1e6 -> -1000015). :func:`_decode` replaces it with
 floor division by the scale plus the exact remainder.
 
+Third, two fast paths for CrypTen's bookkeeping (cached config reads, no throw-away sharing
+behind ``MPCTensor([])``): :mod:`.crypten_speed`, behaviour unchanged.
+
 The fixes are applied when MPC is first used: ``from cipherdm_torch.mpc.crypten_compat import
 crypten`` applies them and returns the module; ``import cipherdm_torch`` only installs :func:`install_import_hook`, so that a
 user's own ``import crypten`` after it gets the fixes too, while DP training never loads CrypTen.
@@ -60,13 +63,22 @@ def _decode(self, tensor):
     return (quotient.double() + remainder.double() / self._scale).float().data
 
 
+def _patch_loaded_crypten() -> None:
+    """The fixes that act on CrypTen's classes, and the fast paths of :mod:`.crypten_speed`."""
+    from crypten.encoder import FixedPointEncoder
+
+    from cipherdm_torch.mpc import crypten_speed
+
+    FixedPointEncoder.decode = _decode
+    crypten_speed.install()
+
+
 def apply() -> types.ModuleType:
     """Apply the compatibility fixes and return the imported ``crypten`` module."""
     _install_onnx_registration_stand_in()
     import crypten  # noqa: WPS433 (import after the fix on purpose)
-    from crypten.encoder import FixedPointEncoder
 
-    FixedPointEncoder.decode = _decode
+    _patch_loaded_crypten()
     return crypten
 
 
@@ -85,8 +97,7 @@ class _CryptenImportHook(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module):
             exec_module(module)
-            from crypten.encoder import FixedPointEncoder
-            FixedPointEncoder.decode = _decode
+            _patch_loaded_crypten()
 
         spec.loader.exec_module = exec_and_patch
         return spec
