@@ -26,6 +26,7 @@ one bit of traffic.
 
 from __future__ import annotations
 
+import sys
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -37,6 +38,8 @@ __all__ = ["Pair", "random_bits", "bits_of", "xor", "xor_public", "and_many", "a
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
 _WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
+_BIT_IN_OCTET = torch.arange(8, dtype=torch.uint8)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 # ---------------------------------------------------------------- packing
@@ -60,7 +63,14 @@ def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def bits_of(word: torch.Tensor, lo: int = 0, hi: int = 64) -> torch.Tensor:
-    """Bits ``lo..hi-1`` of int64 words as a uint8 tensor with a trailing bit dimension."""
+    """Bits ``lo..hi-1`` of int64 words as a uint8 tensor with a trailing bit dimension.
+
+    Read from the words' bytes (little-endian: byte k holds bits 8k..8k+7), so the work is on
+    uint8, not on a 64-fold int64 expansion (eight times less memory traffic)."""
+    if _LITTLE_ENDIAN and word.dtype == torch.long:
+        octets = word.reshape(-1).contiguous().view(torch.uint8).reshape(*word.shape, 8, 1)
+        bits = (octets >> _BIT_IN_OCTET.to(word.device)) & 1
+        return bits.reshape(*word.shape, 64)[..., lo:hi]
     shifts = torch.arange(lo, hi, dtype=torch.long, device=word.device)
     return ((word.unsqueeze(-1) >> shifts) & 1).to(torch.uint8)
 
@@ -195,8 +205,8 @@ def msb(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
     g = and_(s, c)
     p = xor(s, c)
     # generate / propagate bits 0..62, with a (0, 0) pad below bit 0 so the width is 64
-    G = tuple(torch.cat([torch.zeros_like(bits_of(t, 0, 1)), bits_of(t, 0, 63)], -1) for t in g)
-    P = tuple(torch.cat([torch.zeros_like(bits_of(t, 0, 1)), bits_of(t, 0, 63)], -1) for t in p)
+    G = tuple(bits_of(t << 1) for t in g)
+    P = tuple(bits_of(t << 1) for t in p)
     while G[0].shape[-1] > 1:
         g_lo, g_hi = (t[..., 0::2] for t in G), (t[..., 1::2] for t in G)
         p_lo, p_hi = (t[..., 0::2] for t in P), (t[..., 1::2] for t in P)
