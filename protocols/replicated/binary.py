@@ -16,8 +16,8 @@ one bit of traffic.
   are trivially binary-shared, a carry-save adder (one AND round) reduces them
   to two words and a Kogge-Stone parallel-prefix adder (6 rounds) adds them.
 * :func:`msb` only needs the carry into bit 63: a binary tree over the bits
-  (6 rounds of bit-packed ANDs) instead of the full adder, about 24 bytes per
-  element in total.
+  (6 rounds of ANDs on bit planes, 64 elements per int64 word) instead of the full
+  adder, about 24 bytes per element in total.
 * :func:`b2a_bit` (bit injection): P0 knows ``b_0 ^ b_1`` and inputs it as a
   replicated arithmetic value (P0 sends one element to P1), then
   ``b = c + b_2 - 2 c b_2`` with a local re-randomised product: one round, only
@@ -33,7 +33,7 @@ import torch
 
 from cipherdm_torch.protocols.replicated import arith as ra
 
-__all__ = ["Pair", "random_bits", "bits_of", "xor", "xor_public", "and_many", "and_", "from_arith",
+__all__ = ["Pair", "random_bits", "bits_of", "to_planes", "from_plane", "xor", "xor_public", "and_many", "and_", "from_arith",
            "csa", "a2b", "msb", "b2a_bit", "b2a", "reveal_binary", "pack_bits", "unpack_bits"]
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -67,8 +67,11 @@ def bits_of(word: torch.Tensor, lo: int = 0, hi: int = 64) -> torch.Tensor:
 
     Read from the words' bytes (little-endian: byte k holds bits 8k..8k+7), so the work is on
     uint8, not on a 64-fold int64 expansion (eight times less memory traffic)."""
-    if _LITTLE_ENDIAN and word.dtype == torch.long:
-        octets = word.reshape(-1).contiguous().view(torch.uint8).reshape(*word.shape, 8, 1)
+    if _LITTLE_ENDIAN and word.dtype == torch.long and word.numel():
+        flat = word.reshape(-1)
+        if flat.stride(0) != 1:  # (a one-element view may keep its base's stride)
+            flat = flat.clone(memory_format=torch.contiguous_format)
+        octets = flat.view(torch.uint8).reshape(*word.shape, 8, 1)
         bits = (octets >> _BIT_IN_OCTET.to(word.device)) & 1
         return bits.reshape(*word.shape, 64)[..., lo:hi]
     shifts = torch.arange(lo, hi, dtype=torch.long, device=word.device)
@@ -199,26 +202,65 @@ def a2b(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
 
 
 def msb(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
-    """Binary sharing (0/1 uint8) of the sign bit of the replicated arithmetic value."""
+    """Binary sharing (0/1 uint8) of the sign bit of the replicated arithmetic value.
+
+    The carry tree runs on bit planes (:func:`to_planes`): at every level the ANDs, the zero
+    sharings and the messages are whole int64 words of 64 elements' bits, nothing is unpacked
+    until the final carry."""
     s, c = csa(*from_arith(x, x_next))
     c = _shl(c, 1)
     g = and_(s, c)
     p = xor(s, c)
-    # generate / propagate bits 0..62, with a (0, 0) pad below bit 0 so the width is 64
-    G = tuple(bits_of(t << 1) for t in g)
-    P = tuple(bits_of(t << 1) for t in p)
-    while G[0].shape[-1] > 1:
-        g_lo, g_hi = (t[..., 0::2] for t in G), (t[..., 1::2] for t in G)
-        p_lo, p_hi = (t[..., 0::2] for t in P), (t[..., 1::2] for t in P)
-        g_lo, g_hi, p_lo, p_hi = tuple(g_lo), tuple(g_hi), tuple(p_lo), tuple(p_hi)
-        if G[0].shape[-1] == 2:
+    # generate / propagate planes of bits 0..62, with a zero plane below bit 0 (width 64)
+    G = tuple(to_planes(t << 1) for t in g)
+    P = tuple(to_planes(t << 1) for t in p)
+    while G[0].shape[0] > 1:
+        g_lo, g_hi = tuple(t[0::2] for t in G), tuple(t[1::2] for t in G)
+        p_lo, p_hi = tuple(t[0::2] for t in P), tuple(t[1::2] for t in P)
+        if G[0].shape[0] == 2:
             (pg,) = and_many([(p_hi, g_lo)])
         else:
             pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)])
         G = xor(g_hi, pg)
-    carry = (G[0][..., 0], G[1][..., 0])
+    carry = tuple(from_plane(t[0], x.shape) for t in G)
     top = tuple(((s[k] ^ c[k]) >> 63).to(torch.uint8) & 1 for k in range(2))
     return xor(top, carry)
+
+
+# ---------------------------------------------------------------- bit planes
+
+def _transpose64(blocks: torch.Tensor) -> torch.Tensor:
+    """(B, 64) int64 -> (B, 64) with bit i of ``out[b, j]`` = bit j of ``blocks[b, i]``: the
+    64 x 64 bit-matrix transpose of each block by six swap stages (Hacker's Delight 7-3)."""
+    out = blocks.clone()
+    j, mask = 32, 0x00000000FFFFFFFF
+    while j:
+        halves = out.view(out.shape[0], 64 // (2 * j), 2, j)
+        a, b = halves[:, :, 0, :], halves[:, :, 1, :]
+        t = ((a >> j) ^ b) & mask  # the arithmetic shift's sign bits fall outside the mask
+        b ^= t
+        a ^= t << j
+        j //= 2
+        mask ^= mask << j
+    return out
+
+
+def to_planes(word: torch.Tensor) -> torch.Tensor:
+    """int64 words (any shape, N elements) -> (64, ceil(N / 64)) int64 bit planes: bit i of
+    ``planes[j, b]`` is bit j of element ``64 b + i`` (zero-padded)."""
+    flat = word.reshape(-1)
+    pad = (-flat.numel()) % 64
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return _transpose64(flat.view(-1, 64)).t().contiguous()
+
+
+def from_plane(plane: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """One bit plane (``ceil(N / 64)`` words) -> the N bits as uint8 0/1 of ``shape``."""
+    n = 1
+    for d in shape:
+        n *= d
+    return bits_of(plane).reshape(-1)[:n].reshape(shape)
 
 
 # ---------------------------------------------------------------- binary -> arithmetic
