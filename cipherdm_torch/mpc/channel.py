@@ -260,7 +260,8 @@ class Link:
         self.sent_msgs = self.recv_msgs = 0
         self.payload_sent = self.wire_sent = 0
         self.heartbeats_sent = self.heartbeats_received = 0
-        self._queue: "queue.Queue" = queue.Queue()
+        self._queue: "queue.Queue" = queue.Queue()  # frames for the sender thread
+        self._write_lock = threading.Lock()  # held while one frame (or a heartbeat) is written
         self._pending: "collections.deque[_RecvWork]" = collections.deque()
         self._read_lock = threading.Lock()
         self._broken: Optional[BaseException] = None
@@ -278,6 +279,13 @@ class Link:
 
     # -------------------------------------------------------------- sending
     def post_send(self, tensor: torch.Tensor, label: Optional[str] = None) -> _SendWork:
+        """Send ``tensor`` (in order with every earlier send on this link).
+
+        When nothing is queued for the sender thread, the caller writes the frame itself as far
+        as the socket takes it without blocking (no thread hand-off for the usual small
+        message); whatever does not fit goes to the sender thread, which resumes the same TLS
+        write. Either way one writer at a time (``_write_lock``) and the frame order is the
+        post order."""
         label = current_label() if label is None else label
         tensor = tensor.contiguous()
         work = _SendWork(self, tensor, label)
@@ -287,8 +295,47 @@ class Link:
         recorder = self.mesh.recorder
         if recorder is not None:
             recorder.append(("sent", self.peer, label, tensor.clone()))
-        self._queue.put((header, tensor, work))
+        payload = _as_bytes_view(tensor)
+        frame = [memoryview(header), payload]
+        if (self._broken is None and self._queue.unfinished_tasks == 0
+                and self._write_lock.acquire(blocking=False)):
+            try:
+                if self._queue.unfinished_tasks == 0:  # still nothing ahead of this frame
+                    frame = self._write_some(frame, work)
+                    if not frame:
+                        self._count(len(payload))
+                        work.done.set()
+                        return work
+            except BaseException as exc:
+                self._fail(exc, work)
+                return work
+            finally:
+                self._write_lock.release()
+        self._queue.put((frame, len(payload), work))
         return work
+
+    def _write_some(self, frame: List[memoryview], work: "_SendWork") -> List[memoryview]:
+        """Write the frame's buffers without blocking; the part not written (same bytes, so a
+        blocked TLS write is resumed exactly)."""
+        for k, view in enumerate(frame):
+            pos, n = 0, len(view)
+            while pos < n:
+                got = self._tls(self.sock.send, view[pos:])
+                if isinstance(got, _Blocked):
+                    return [view[pos:]] + frame[k + 1:]
+                pos += got
+                self._last_tx = time.monotonic()
+        return []
+
+    def _count(self, payload_len: int) -> None:
+        self.payload_sent += payload_len
+        self.wire_sent += wire_bytes(payload_len)
+
+    def _fail(self, exc: BaseException, work: "_SendWork") -> None:
+        err = exc if isinstance(exc, ChannelError) else self._error(exc, "send", work.label)
+        self._broken = err
+        work.error = err
+        work.done.set()
 
     def _send_loop(self) -> None:
         while True:
@@ -296,26 +343,28 @@ class Link:
                 item = self._queue.get(
                     timeout=max(0.01, self._last_tx + self.heartbeat - time.monotonic()))
             except queue.Empty:
-                self._beat()
+                if self._write_lock.acquire(blocking=False):  # else a frame is being written
+                    try:
+                        self._beat()
+                    finally:
+                        self._write_lock.release()
                 continue
             if item is None:
+                self._queue.task_done()
                 return
-            header, tensor, work = item
+            frame, payload_len, work = item
             try:
-                if self._broken is not None:
-                    raise self._broken
-                payload = _as_bytes_view(tensor)
-                self._write(header, "send", work.label)
-                if len(payload):
-                    self._write(payload, "send", work.label)
-                self.payload_sent += len(payload)
-                self.wire_sent += wire_bytes(len(payload))
+                with self._write_lock:
+                    if self._broken is not None:
+                        raise self._broken
+                    for view in frame:
+                        self._write(view, "send", work.label)
+                self._count(payload_len)
+                work.done.set()
             except BaseException as exc:  # report on wait(); later sends fail the same way
-                err = exc if isinstance(exc, ChannelError) else self._error(exc, "send",
-                                                                            work.label)
-                self._broken = err
-                work.error = err
-            work.done.set()
+                self._fail(exc, work)
+            finally:
+                self._queue.task_done()
 
     def _write(self, data, what: str, label: str) -> None:
         """``sendall`` that tolerates a peer that is slow to read, up to ``timeout`` seconds.
@@ -377,8 +426,8 @@ class Link:
         data = torch.frombuffer(bytearray(message.encode("utf-8", "replace")[:4000]),
                                 dtype=torch.uint8)
         work = _SendWork(self, data, current_label())
-        self._queue.put((HEADER.pack(ABORT, 0, data.numel(), _label_bytes(work.label)), data,
-                         work))
+        header = HEADER.pack(ABORT, 0, data.numel(), _label_bytes(work.label))
+        self._queue.put(([memoryview(header), _as_bytes_view(data)], data.numel(), work))
         work.done.wait(2.0)
 
     # -------------------------------------------------------------- receiving
