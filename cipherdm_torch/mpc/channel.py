@@ -21,8 +21,11 @@ pair's stream keys are SHA-256 of both contributions (domain-separated per direc
 they come from an authenticated key exchange and never travel in the clear.
 
 Threads: each link has one sender thread (so two parties sending large messages to each
-other cannot deadlock on full socket buffers); receives are read in the caller's thread
-in the order they were posted. OpenSSL forbids using one connection from two threads at
+other cannot deadlock on full socket buffers); when nothing is queued for it, the caller
+writes a new frame itself as far as the socket takes it without blocking and hands only the
+rest to the thread (no thread hand-off per small message: a loopback ping-pong went from 1.30
+to 0.74 ms); one writer at a time (the link's write lock), frames in post order. Receives are
+read in the caller's thread in the order they were posted. OpenSSL forbids using one connection from two threads at
 once, and Python's ``ssl`` does not serialise it: a read racing the sender thread's write
 (heartbeats make that common) ends in a spurious EOF or a stuck stream. So the socket is
 non-blocking and every TLS call runs under the link's lock, which is never held while
