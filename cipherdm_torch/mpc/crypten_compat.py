@@ -67,7 +67,7 @@ def _patch_loaded_crypten() -> None:
     """The fixes that act on CrypTen's classes, and the fast paths of :mod:`.crypten_speed`."""
     from crypten.encoder import FixedPointEncoder
 
-    from cipherdm_torch.mpc import crypten_speed
+    from cipherdm_torch.mpc import crypten_speed  # local: it imports OmegaConf, which comes with CrypTen
 
     FixedPointEncoder.decode = _decode
     crypten_speed.install()
