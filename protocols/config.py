@@ -80,11 +80,20 @@ class Settings:
     # towards 1 and below it grows without bound (a wrong softmax row), so only set this from
     # a recorded range with margin (recorded_ranges.calibrated_settings)
     exp_input_min: Optional[float] = None
-    # reciprocal / rsqrt: magnitude guess from comparisons with 2^j, j in [lo, hi], then Newton
+    # reciprocal / rsqrt: magnitude guess from comparisons with 2^(j / steps) in [2^lo, 2^hi]
+    # (one batched comparison: the same rounds for any step count, bytes grow with it), then
+    # Newton. rsqrt (norms: one element per group or row) takes four steps per octave: the
+    # mantissa lies in a bucket [2^(r/4), 2^((r+1)/4)) where a linear guess is within 0.14%,
+    # and ONE Newton step reaches 3e-6 relative, below the 2^-16 resolution: 4 rounds fewer per
+    # call than one step per octave and two Newton steps. reciprocal (softmax: one element per
+    # row, many rows) keeps one step per octave and two Newton steps (4x the comparisons would
+    # cost ~5 MB per softmax of the bench model for 2 rounds)
     magnitude_lo: int = -16
     magnitude_hi: int = 24
+    reciprocal_steps: int = 1
     reciprocal_iters: int = 2
-    rsqrt_iters: int = 2
+    rsqrt_steps: int = 4
+    rsqrt_iters: int = 1
     # softmax row max: "tree" (pairwise, n - 1 comparisons per row, ceil(log2 n) levels),
     # "tree3" (by thirds: ceil(log3 n) levels, ~40% fewer rounds, ~1.5 n comparisons per row)
     # or CrypTen's max

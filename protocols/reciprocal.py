@@ -1,14 +1,20 @@
 """Reciprocal and inverse square root with an initial guess from the input's magnitude.
 
 CrypTen starts Newton's iteration from a fixed guess, which diverges or stalls
-for inputs far from 1 (its reciprocal is wrong above ~100). Here the exponent
-k with 2^k <= x < 2^(k+1) is found first, by comparing x with every power of
-two in [2^lo, 2^hi] in ONE batched comparison (c_j = [x >= 2^j]); the one-hot
-d_j = c_j - c_(j+1) (integer scale) then gives the public-weight sums 2^-k,
-2^(-k/2) and the guess's slope terms B 2^-k locally: no multiplication, no
-truncation, no round. The mantissa m = x 2^-k lies in [1, 2), where a linear
-guess has relative error <= 1/17 (1/x) or 2.2% (1/sqrt x), and two Newton steps
-reach the fixed-point resolution. Products in sequence: one comparison (about 10 rounds on
+for inputs far from 1 (its reciprocal is wrong above ~100). Here the bucket of x,
+2^(k + r/s) <= x < 2^(k + (r+1)/s) with k integer and s = ``rsqrt_steps`` /
+``reciprocal_steps``, is found first,
+by comparing x with every 2^(j/s) in [2^lo, 2^hi] in ONE batched comparison
+(c_j = [x >= 2^(j/s)]); the one-hot d_j = c_j - c_(j+1) (integer scale) then gives the
+public-weight sums 2^-k, 2^(-k/2), the guess's intercept a_r and its slope terms b_r 2^-k
+locally: no multiplication, no truncation, no round. The mantissa m = x 2^-k lies in
+[2^(r/s), 2^((r+1)/s)), where the bucket's minimax linear guess (:func:`bucket_guess`) has
+relative error 0.14% (1/sqrt x) or 0.38% (1/x) for s = 4 (2.2% / 5.9% for s = 1), and one
+Newton step reaches the fixed-point resolution (two for s = 1; defaults: rsqrt s = 4 and one
+step, reciprocal s = 1 and two steps, see :mod:`.config`). The weights that multiply x
+are encoded with :data:`GUESS_BITS` fractional bits (the product's truncation divides by
+2^GUESS_BITS instead of 2^16, same cost), so b_r 2^-k keeps its precision up to x ~ 2^24.
+Products in sequence: one comparison (about 10 rounds on
 the replicated backend) + 1 + 2 per iteration (1/x) or 2 per iteration + 1 (1/sqrt x).
 With a calibrated input range (``magnitude_lo`` / ``magnitude_hi`` from
 :func:`cipherdm_torch.protocols.recorded_ranges.calibrated_settings`) the comparison covers
@@ -22,7 +28,8 @@ steps absorb the coarser guess.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+import functools
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import crypten
 import torch
@@ -33,41 +40,85 @@ from cipherdm_torch.protocols import config
 
 __all__ = ["reciprocal", "rsqrt", "batched_mul", "exponent_onehot", "weigh", "reciprocal_scaled"]
 
-# minimax linear guesses on m in [1, 2): 1/m ~ A - B m, 1/sqrt(m) ~ C - D m
-_RECIP_A, _RECIP_B = 24 / 17, 8 / 17
+GUESS_BITS = 32  # fractional bits of the weights that multiply x (x itself has 16)
 
 
-# minimax relative fit of m^-1/2 on [1, 2] (max relative error 2.2%, by equal ripple)
-_RSQRT_C, _RSQRT_D = 1.26416, 0.2864
+@functools.lru_cache(maxsize=None)
+def linear_guess(power: float, width: float) -> Tuple[float, float, float]:
+    """(a, b, err): the minimax *relative* linear fit m^-power ~ a - b m on [1, width], and its
+    largest relative error (equal ripple; for power 1 and width 2 it is 24/17 - 8/17 m, 1/17).
+
+    Found numerically: for a slope ratio t = b / a the best a centres (1 - t m) m^power on 1,
+    and a ternary search over t minimises the spread (it is unimodal in t)."""
+    m = torch.linspace(1.0, width, 4001, dtype=torch.float64)
+
+    def spread(t: float) -> Tuple[float, float]:
+        h = (1 - t * m) * m ** power
+        top, bottom = h.max().item(), h.min().item()
+        return (top - bottom) / (top + bottom), 2 / (top + bottom)
+
+    lo, hi = 0.0, 1.0 / width
+    for _ in range(100):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        if spread(a)[0] < spread(b)[0]:
+            hi = b
+        else:
+            lo = a
+    t = (lo + hi) / 2
+    err, scale = spread(t)
+    return scale, scale * t, err
 
 
-def exponent_onehot(x: MPCTensor, lo: int, hi: int) -> Tuple[Optional[MPCTensor], List[int]]:
-    """(d, ks): integer-scale one-hot d over ks = lo..hi of k with 2^k <= x < 2^(k+1) (clamped).
+def bucket_guess(power: float, steps: int, r: int) -> Tuple[float, float]:
+    """(a, b): m^-power ~ a - b m for the mantissa m in bucket r, [2^(r/steps), 2^((r+1)/steps)),
+    from the minimax fit on [1, 2^(1/steps)] by scaling (m = c u, c = 2^(r/steps))."""
+    a, b, _ = linear_guess(power, 2.0 ** (1.0 / steps))
+    c = 2.0 ** (r / steps)
+    return a * c ** -power, b * c ** (-power - 1)
 
-    One batched comparison of x with every 2^j, j in (lo, hi]; the one-hot is a local
-    function of the monotone bits c_j = [x >= 2^j]. Shape of d: (len(ks),) + x's shape.
+
+def exponent_onehot(x: MPCTensor, lo: int, hi: int, steps: int = 1
+                    ) -> Tuple[Optional[MPCTensor], List[Tuple[int, int]]]:
+    """(d, ks): integer-scale one-hot d over the buckets ks = [(k, r)] of x: 2^(k + r/steps) <=
+    x < 2^(k + (r+1)/steps), k integer, 0 <= r < steps (clamped to [2^lo, 2^hi]).
+
+    One batched comparison of x with every 2^(j/steps) in (2^lo, 2^hi]; the one-hot is a local
+    function of the monotone bits c_j = [x >= 2^(j/steps)]. Shape of d: (len(ks),) + x's shape.
     """
-    js = list(range(lo + 1, hi + 1))
+    js = list(range(lo * steps + 1, hi * steps + 1))
+    buckets = [(j // steps, j % steps) for j in [lo * steps] + js]
     if not js:
-        return None, [lo]
-    c = 1 - crypten.stack([x - 2.0 ** j for j in js])._ltz()  # c_j = [x >= 2^j], scale 1
-    # one-hot of k: d_lo = 1 - c_(lo+1), d_j = c_j - c_(j+1), d_hi = c_hi
-    return crypten.cat([1 - c[:1], c[:-1] - c[1:], c[-1:]]), [lo] + js
+        return None, buckets
+    c = 1 - crypten.stack([x - 2.0 ** (j / steps) for j in js])._ltz()  # c_j, scale 1
+    # one-hot of the bucket: d_lo = 1 - c_(first), d_j = c_j - c_(j+1), d_hi = c_last
+    return crypten.cat([1 - c[:1], c[:-1] - c[1:], c[-1:]]), buckets
 
 
-def weigh(d: Optional[MPCTensor], ks: Sequence[int], weight: Callable[[int], float],
-          like: MPCTensor) -> MPCTensor:
-    """sum_k d_k * weight(k) as a fixed-point secret: local (no truncation, no round).
+def weigh(d: Optional[MPCTensor], ks: Sequence, weight: Callable[[Any], float],
+          like: MPCTensor, bits: Optional[int] = None) -> MPCTensor:
+    """sum_k d_k * weight(k) over the buckets ks as a fixed-point secret with ``bits``
+    fractional bits (default: the encoder's): local (no truncation, no round).
 
     Each weight is encoded as an integer on its own and only one d_k is 1, so the
-    result carries a single weight's rounding error (exact for powers of two >= 2^-16).
+    result carries a single weight's rounding error (exact for powers of two >= 2^-bits).
     """
-    enc = FixedPointEncoder()
-    if d is None:  # a single possible exponent: a public constant
-        return like * 0 + float(weight(ks[0]))
+    enc = FixedPointEncoder(precision_bits=bits)
+    if d is None:  # a single possible bucket: a public constant (as a secret of x's shape)
+        out = like * 0
+        out.encoder = enc
+        return out + float(weight(ks[0]))
     w = torch.tensor([int(round(weight(k) * enc.scale)) for k in ks], dtype=torch.long)
     out = (d * w.reshape((len(ks),) + (1,) * (d.dim() - 1))).sum(0)
     out.encoder = enc
+    return out
+
+
+def _times_precise(weights: MPCTensor, x: MPCTensor) -> MPCTensor:
+    """weights * x for weights with more fractional bits than x: ONE product, whose truncation
+    divides by the weights' scale, so the result has x's scale (CrypTen labels a product with
+    its left factor's encoder, hence the relabelling)."""
+    out = weights * x
+    out.encoder = x.encoder
     return out
 
 
@@ -87,11 +138,20 @@ def reciprocal_scaled(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] 
     """
     lo, hi = _range(lo, hi)
     iters = config.current().reciprocal_iters if iters is None else iters
-    d, ks = exponent_onehot(x, lo, hi)
-    p = weigh(d, ks, lambda k: 2.0 ** -k, x)
-    pb = weigh(d, ks, lambda k: _RECIP_B * 2.0 ** -k, x)
-    m, mb = crypten.stack([p, pb]) * x
-    r = _RECIP_A - mb
+    steps = config.current().reciprocal_steps
+    d, ks = exponent_onehot(x, lo, hi, steps)
+    p = weigh(d, ks, lambda kr: 2.0 ** -kr[0], x)
+    p_fine = weigh(d, ks, lambda kr: 2.0 ** -kr[0], x, bits=GUESS_BITS)
+    pb = weigh(d, ks, lambda kr: bucket_guess(1.0, steps, kr[1])[1] * 2.0 ** -kr[0], x,
+               bits=GUESS_BITS)
+    if steps == 1:  # one bucket per octave: the intercept is a public constant
+        m, mb = _times_precise(crypten.stack([p_fine, pb]), x)
+        a = bucket_guess(1.0, 1, 0)[0]
+    else:  # the bucket's intercept rides along (times 1), so it leaves the product replicated
+        a = weigh(d, ks, lambda kr: bucket_guess(1.0, steps, kr[1])[0], x, bits=GUESS_BITS)
+        m, mb, a = _times_precise(crypten.stack([p_fine, pb, a]),
+                                  crypten.stack([x, x, x * 0 + 1]))
+    r = a - mb
     for _ in range(iters):
         r = r * (2 - m * r)
     return r, p
@@ -136,18 +196,19 @@ def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
     term of the guess are one batched product.
     """
     lo, hi = _range(lo, hi)
-    d, ks = exponent_onehot(x, lo, hi)
-    ph = weigh(d, ks, lambda k: 2.0 ** -(k + 1), x)
-    pd = weigh(d, ks, lambda k: _RSQRT_D * 2.0 ** -k, x)
-    q = weigh(d, ks, lambda k: 2.0 ** (-k / 2), x)
-    if times is None:
-        h, md = crypten.stack([ph, pd]) * x
-    else:
-        # q rides along (times 1): the product's output carries the replicated backend's
-        # replica, which the expansion of q to the shape of ``times`` keeps, so the batched
-        # product below re-shares no activation-sized copy of q
-        h, md, q = crypten.stack([ph, pd, q]) * crypten.stack([x, x, x * 0 + 1])
-    y = _RSQRT_C - md
+    steps = config.current().rsqrt_steps
+    d, ks = exponent_onehot(x, lo, hi, steps)
+    ph = weigh(d, ks, lambda kr: 2.0 ** -(kr[0] + 1), x, bits=GUESS_BITS)
+    pd = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[1] * 2.0 ** -kr[0], x,
+               bits=GUESS_BITS)
+    # the bucket's intercept c and q ride along (times 1): the product's outputs carry the
+    # replicated backend's replica (for q, kept by its expansion to the shape of ``times``), so
+    # no later product re-shares them
+    c = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[0], x, bits=GUESS_BITS)
+    q = weigh(d, ks, lambda kr: 2.0 ** (-kr[0] / 2), x, bits=GUESS_BITS)
+    one = x * 0 + 1
+    h, md, c, q = _times_precise(crypten.stack([ph, pd, c, q]), crypten.stack([x, x, one, one]))
+    y = c - md
     scaled = None
     for i in range(config.current().rsqrt_iters):
         # y (1.5 - h y^2) = 1.5 y - (h y) y^2: h y and y^2 in one batched product, then one
