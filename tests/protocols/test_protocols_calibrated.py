@@ -131,13 +131,18 @@ def test_calibrated_protocols_three_parties(parties):
     cal_settings = config.current().replace(**recorded_ranges.calibrated_settings())
     assert (yc - exp_softmax.reference_softmax(logits, -1, cal_settings)).abs().max() < 0.005
     assert b1 < b0 and r1 < r0, (b0, r0, b1, r1)  # the clip comparison is gone
-    (rs, rb0, rr0), (rc, rb1, rr1) = r["rsqrt"], r["rsqrt_cal"]
+    (rs, _, _), (rc, _, _) = r["rsqrt"], r["rsqrt_cal"]
     truth = var.rsqrt()
     assert ((rs - truth) / truth).abs().max() < 0.01
     assert ((rc - truth) / truth).abs().max() < 0.01
-    # fewer comparisons, same depth: party 0's rounds may differ by one, because the truncation
-    # helper rotates from call to call and the shared pool's earlier tests set where it starts
-    assert rb1 < rb0 and rr1 <= rr0 + 1, (rb0, rr0, rb1, rr1)
+    # fewer comparisons, same depth. The truncation helper (which receives nothing) rotates
+    # from call to call and the shared pool's earlier tests set where it starts, so one party's
+    # rounds and bytes depend on that phase (party 0 measured 16, 18, 16, 16 rounds for four
+    # calls alternating default / calibrated, the slowest party 19, 18, 18, 19); the sum over the
+    # three parties does not (51 rounds in all four)
+    rb0, rb1 = (sum(p[key][1] for p in every) for key in ("rsqrt", "rsqrt_cal"))
+    rr0, rr1 = (sum(p[key][2] for p in every) for key in ("rsqrt", "rsqrt_cal"))
+    assert rb1 < rb0 and rr1 <= rr0, (rb0, rr0, rb1, rr1)
     assert (r["group_norm_cal"] - F.group_norm(img, 2)).abs().max() < 0.02
     gn_ref = F.group_norm(img, 2, d["w"], d["b"])
     assert (r["gn_weight"][0] - gn_ref).abs().max() < 0.02
