@@ -25,8 +25,8 @@ other cannot deadlock on full socket buffers); when nothing is queued for it, th
 writes a new frame itself as far as the socket takes it without blocking and hands only the
 rest to the thread (no thread hand-off per small message: a loopback ping-pong went from 1.30
 to 0.74 ms); one writer at a time (the link's write lock), frames in post order. Receives are
-read in the caller's thread in the order they were posted. OpenSSL forbids using one connection from two threads at
-once, and Python's ``ssl`` does not serialise it: a read racing the sender thread's write
+read in the caller's thread in the order they were posted. OpenSSL forbids using one
+connection from two threads at once, and Python's ``ssl`` does not serialise it: a read racing the sender thread's write
 (heartbeats make that common) ends in a spurious EOF or a stuck stream. So the socket is
 non-blocking and every TLS call runs under the link's lock, which is never held while
 waiting: a call that would block releases it and the thread waits on ``poll()`` outside.
@@ -304,7 +304,7 @@ class Link:
                 and self._write_lock.acquire(blocking=False)):
             try:
                 if self._queue.unfinished_tasks == 0:  # still nothing ahead of this frame
-                    frame = self._write_some(frame, work)
+                    frame = self._write_some(frame)
                     if not frame:
                         self._count(len(payload))
                         work.done.set()
@@ -317,7 +317,7 @@ class Link:
         self._queue.put((frame, len(payload), work))
         return work
 
-    def _write_some(self, frame: List[memoryview], work: "_SendWork") -> List[memoryview]:
+    def _write_some(self, frame: List[memoryview]) -> List[memoryview]:
         """Write the frame's buffers without blocking; the part not written (same bytes, so a
         blocked TLS write is resumed exactly)."""
         for k, view in enumerate(frame):

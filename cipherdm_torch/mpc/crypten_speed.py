@@ -100,21 +100,16 @@ class CachedConfig:
 
     def __getattribute__(self, name: str) -> Any:
         d = object.__getattribute__(self, "__dict__")
-        cache = d.get("_cache")
-        if cache is not None:
-            hit = cache.get((name,), _MISS)
-            if hit is not _MISS:
-                return hit
+        hit = d["_cache"].get((name,), _MISS)
+        if hit is not _MISS:
+            return hit
         if name == "config":  # the raw OmegaConf object: the caller may write to it
-            if cache is not None:
-                d["_cache"] = {}
+            d["_cache"] = {}
             return d["config"]
         try:
             return object.__getattribute__(self, name)
         except AttributeError:
             pass
-        if cache is None:
-            d["_cache"] = {}
         path = tuple(name.split("."))
 
         def read():
@@ -134,12 +129,12 @@ def install_config_cache(cfg=None) -> None:
     """Give CrypTen's ``cfg`` object the cached lookups (idempotent)."""
     if cfg is None:
         from crypten.config import cfg
-    base = type(cfg)
     if isinstance(cfg, CachedConfig):
         return
+    base = type(cfg)
+    vars(cfg)["_cache"] = {}  # before the class changes: every lookup then finds a cache
     cfg.__class__ = type("Cached" + base.__name__, (CachedConfig, base), {
         "__doc__": f"{base.__name__} with cached lookups (cipherdm_torch.mpc.crypten_speed)."})
-    cfg._forget()
 
 
 def install_empty_tensor_fast_path() -> None:

@@ -26,6 +26,7 @@ one bit of traffic.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import List, Sequence, Tuple, Union
 
@@ -33,8 +34,9 @@ import torch
 
 from cipherdm_torch.protocols.replicated import arith as ra
 
-__all__ = ["Pair", "random_bits", "bits_of", "to_planes", "from_plane", "xor", "xor_public", "and_many", "and_", "from_arith",
-           "csa", "a2b", "msb", "b2a_bit", "b2a", "reveal_binary", "pack_bits", "unpack_bits"]
+__all__ = ["Pair", "random_bits", "bits_of", "to_planes", "from_plane", "xor", "xor_public",
+           "and_many", "and_", "from_arith", "csa", "a2b", "msb", "b2a_bit", "b2a",
+           "reveal_binary", "pack_bits", "unpack_bits"]
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
 _WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
@@ -55,11 +57,8 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of :func:`pack_bits`."""
-    n = 1
-    for s in shape:
-        n *= s
-    bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.reshape(-1)[:n].reshape(shape)
+    bits = (packed.unsqueeze(-1) >> _BIT_IN_OCTET) & 1
+    return bits.reshape(-1)[:math.prod(shape)].reshape(shape)
 
 
 def bits_of(word: torch.Tensor, lo: int = 0, hi: int = 64) -> torch.Tensor:
@@ -257,10 +256,7 @@ def to_planes(word: torch.Tensor) -> torch.Tensor:
 
 def from_plane(plane: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """One bit plane (``ceil(N / 64)`` words) -> the N bits as uint8 0/1 of ``shape``."""
-    n = 1
-    for d in shape:
-        n *= d
-    return bits_of(plane).reshape(-1)[:n].reshape(shape)
+    return bits_of(plane).reshape(-1)[:math.prod(shape)].reshape(shape)
 
 
 # ---------------------------------------------------------------- binary -> arithmetic
