@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, Optional
 
-__all__ = ["Settings", "FUNCTIONS", "VARIANTS", "TRUNCATIONS", "BACKENDS", "use", "current"]
+__all__ = ["Settings", "FUNCTIONS", "VARIANTS", "TRUNCATIONS", "BACKENDS", "use", "current",
+           "snapshot_stack", "adopt_stack"]
 
 VARIANTS = ("baseline", "optimised")
 TRUNCATIONS = ("exact", "probabilistic")
@@ -113,11 +115,28 @@ class Settings:
 
 
 _STACK = [Settings()]
+_THREAD = threading.local()  # .stack: a branch thread's own stack (see adopt_stack)
+
+
+def _stack() -> list:
+    return getattr(_THREAD, "stack", _STACK)
 
 
 def current() -> Settings:
-    """The settings in force in this process."""
-    return _STACK[-1]
+    """The settings in force in this process (in this thread, for a lockstep branch)."""
+    return _stack()[-1]
+
+
+def snapshot_stack() -> list:
+    """A copy of this thread's settings stack, for :func:`adopt_stack` in another thread."""
+    return list(_stack())
+
+
+def adopt_stack(stack: list) -> None:
+    """Give the calling thread its own settings stack (a lockstep branch of
+    :mod:`cipherdm_torch.protocols.replicated.lockstep`: its ``use`` blocks must not push onto
+    the stack of a sibling branch running between its rounds)."""
+    _THREAD.stack = list(stack)
 
 
 @contextmanager
@@ -150,11 +169,12 @@ def use(variant: Optional[str] = None, *, backend: Optional[str] = None,
     with ExitStack() as stack:
         if backend is not None:
             stack.enter_context(BACKENDS[backend]())
-        _STACK.append(current().replace(**changes))
+        stack = _stack()
+        stack.append(current().replace(**changes))
         try:
             yield current()
         finally:
-            _STACK.pop()
+            stack.pop()
 
 
 def _check_variant(name: str, value: str) -> None:

@@ -17,13 +17,15 @@ Naming follows CrypTen: on party ``i``, ``"next"`` is the stream shared with par
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence
+import threading
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = ["KeyStream", "install_streams", "stream", "has_streams", "local_ring", "local_bytes",
-           "clear_streams", "allow_insecure_generators", "insecure_generators_allowed"]
+           "clear_streams", "allow_insecure_generators", "insecure_generators_allowed",
+           "fork_streams", "use_thread_streams"]
 
 _ZEROS = bytes(1 << 22)  # 4 MiB of plaintext zeros: keystream = AES-CTR(zeros)
 
@@ -95,8 +97,36 @@ def has_streams() -> bool:
     return bool(_STREAMS)
 
 
+_THREAD = threading.local()  # .streams: a lockstep branch's own streams (fork_streams)
+
+
+def fork_streams(count: int) -> List[Dict[str, KeyStream]]:
+    """``count`` independent sets of pairwise streams, keyed by 16 bytes drawn from each of
+    this party's streams (its neighbour draws the same bytes from its side of the pair).
+
+    Why: branches run side by side (:mod:`cipherdm_torch.protocols.replicated.lockstep`)
+    draw between different rounds on the two ends of a pair (a truncation helper draws its
+    output masks after a round that the other parties use to draw theirs), so one shared
+    stream would hand the same bytes to different variables. Each branch draws from its own
+    streams in its own program order, the same on both parties of every pair."""
+    out: List[Dict[str, KeyStream]] = [{} for _ in range(count)]
+    for which in ("next", "prev"):
+        keys = stream(which).bytes(16 * count).numpy().tobytes()
+        for i in range(count):
+            out[i][which] = KeyStream(keys[16 * i:16 * (i + 1)])
+    return out
+
+
+def use_thread_streams(streams: Optional[Dict[str, KeyStream]]) -> None:
+    """Make ``streams`` (from :func:`fork_streams`) the calling thread's pairwise streams."""
+    _THREAD.streams = streams
+
+
 def stream(which: str) -> KeyStream:
-    """The pairwise stream ``which`` ("prev" / "next") of this party."""
+    """The pairwise stream ``which`` ("prev" / "next") of this party (of this lockstep branch)."""
+    own = getattr(_THREAD, "streams", None)
+    if own is not None:
+        return own[which]
     try:
         return _STREAMS[which]
     except KeyError:

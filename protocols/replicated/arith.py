@@ -100,6 +100,7 @@ import crypten.communicator as comm
 
 from cipherdm_torch.mpc import prg
 from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols.replicated import lockstep
 from cipherdm_torch.protocols.replicated.ring import ring_product
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ Divisor = Union[int, torch.Tensor]  # a public positive int or long tensor
 __all__ = [
     "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "carry_local_op",
     "replicate", "replicate_many", "local_product", "truncate_shares", "reshare_output",
-    "transcript",
+    "transcript", "exchange", "exchange_now",
     "mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "square",
     "truncate", "udiv",
 ]
@@ -183,7 +184,18 @@ transcript = _Transcript()
 
 def exchange(sends: Sequence[Tuple[torch.Tensor, int]],
              recvs: Sequence[Tuple[torch.Tensor, int]]) -> None:
-    """Post all sends and receives, then wait: one communication round (metered)."""
+    """Post all sends and receives, then wait: one communication round (metered). Inside a
+    branch of :func:`.lockstep.run_together` the round is merged with the sibling branches'."""
+    if lockstep.defer(sends, recvs):
+        return
+    exchange_now(sends, recvs)
+
+
+def exchange_now(sends: Sequence[Tuple[torch.Tensor, int]],
+                 recvs: Sequence[Tuple[torch.Tensor, int]]) -> None:
+    """:func:`exchange` on the network, now."""
+    if not sends and not recvs:
+        return
     c = comm.get()
     reqs = [c.isend(t.contiguous(), dst) for t, dst in sends]
     # gloo receives only into contiguous memory (empty_like keeps a view's strides)
@@ -411,6 +423,7 @@ def _truncate_exact(z: torch.Tensor, y, helper: int = 2) -> Tuple[torch.Tensor, 
     r = r_a + r_b
     big_q, big_m = udiv(r, y), (r < 0).to(torch.long)
     exchange([(z + r_b, a), (torch.stack([z, big_q - q0, big_m - m0]), b)], [])
+    exchange([], [])  # the helper's empty round 2 (keeps every party's rounds aligned)
     t0 = rand_ring(size, "next", dev)
     t2 = rand_ring(size, "prev", dev)
     return t2, t0
@@ -424,7 +437,8 @@ def _truncate_probabilistic(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Ten
     if rank == 0:
         t0 = _floor_div(z, y).contiguous()
         t1 = torch.empty_like(t0)
-        exchange([(t0, 2)], [(t1, 1)])
+        exchange([(t0, 2)], [])  # each message in the same exchange at both ends (lockstep)
+        exchange([], [(t1, 1)])
         return t0, t1
     if rank == 1:
         z2 = torch.empty_like(z)
@@ -436,6 +450,7 @@ def _truncate_probabilistic(z: torch.Tensor, y) -> Tuple[torch.Tensor, torch.Ten
     r = rand_ring(size, "prev", dev)
     t0 = torch.empty_like(z)
     exchange([(z, 1)], [(t0, 0)])
+    exchange([], [])
     return r, t0
 
 

@@ -278,6 +278,7 @@ def b2a_bit(b: Pair) -> torch.Tensor:
         cp, b2p = (got, zero), (zero, b1)
     else:
         rho = ra.rand_ring(shape, "next", dev)
+        ra.exchange([], [])  # nothing to send or receive: keeps the rounds aligned (lockstep)
         cp, b2p = (zero, rho), (b0, zero)
     z = ra.local_product(torch.mul, cp[0], cp[1], b2p[0], b2p[1])
     return cp[0] + b2p[0] - 2 * z

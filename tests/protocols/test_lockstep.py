@@ -1,0 +1,78 @@
+"""Lockstep branches (:mod:`protocols.replicated.lockstep`) in three real processes: the same
+values as running the branches one after the other, and the rounds of the longest branch."""
+
+import torch
+
+import cipherdm_torch  # noqa: F401
+import crypten
+
+from cipherdm_torch import CostMeter
+from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols.replicated import backend as rss_backend
+from cipherdm_torch.protocols.replicated.lockstep import run_together
+
+
+def _square_chain(x, n):
+    for _ in range(n):
+        x = x * x
+    return x
+
+
+def _body(a, b):
+    rss_backend.install()
+    out = {}
+    with config.use("optimised", backend="rss"):
+        def make_jobs():  # fresh inputs for each measurement (no replica cached by another)
+            xa, xb = crypten.cryptensor(a), crypten.cryptensor(b)
+            xc, xd = crypten.cryptensor(b), crypten.cryptensor(a + 1)  # no input shared between
+            return (lambda: _square_chain(xa, 3), lambda: xb._ltz(),  # branches: the replicas
+                    lambda: xc.relu() * xd)  # cached are then the same as in sequence
+        with CostMeter() as alone:
+            seq = [job() for job in make_jobs()]
+        with CostMeter() as merged:
+            together = run_together(*make_jobs())
+        each = []
+        for job in make_jobs():
+            with CostMeter() as m:
+                job()
+            each.append(m.total.rounds)
+        xa, xb = crypten.cryptensor(a), crypten.cryptensor(b)
+        # settings a branch enters stay in that branch
+        def inner():
+            with config.use(exp_squarings=3):
+                y = xa * xa
+                return config.current().exp_squarings, y
+        def outer():
+            y = xb * xb
+            return config.current().exp_squarings, y
+        (k_in, _), (k_out, _) = run_together(inner, outer)
+    out["seq"] = [t.get_plain_text() for t in seq]
+    out["together"] = [t.get_plain_text() for t in together]
+    out["rounds"] = (alone.total.rounds, merged.total.rounds, each)
+    out["bytes"] = (alone.total.bytes_sent, merged.total.bytes_sent)
+    out["settings"] = (k_in, k_out, config.current().exp_squarings)
+    return out
+
+
+def test_branches_share_rounds(parties):
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(64, generator=g) + 0.5
+    b = torch.randn(64, generator=g) * 4
+    results = parties.run(_body, a, b)
+    sums = [sum(r["rounds"][1] for r in results), sum(r["rounds"][0] for r in results)]
+    for r in results:
+        seq, together = r["seq"], r["together"]
+        for s, t in zip(seq, together):
+            assert torch.allclose(s, t, atol=1e-3)
+        assert torch.allclose(together[0], a ** 8, rtol=1e-2)
+        assert torch.equal(together[1], (b < 0).float())
+        assert torch.allclose(together[2], b.clamp(min=0) * (a + 1), atol=1e-3)
+        assert r["settings"] == (3, config.Settings().exp_squarings, config.Settings().exp_squarings)
+    # the same messages, fewer rounds (summed over the parties: which party helps a truncation,
+    # sending 4 elements instead of 2, rotates with the call order)
+    assert sum(r["bytes"][0] for r in results) == sum(r["bytes"][1] for r in results)
+    # merged rounds: at most the longest branch's, far fewer than the sum (compared over all
+    # three parties: one party's count depends on the rotating truncation helper)
+    longest = sum(max(r["rounds"][2]) for r in results)
+    assert sums[0] <= longest + 3
+    assert sums[0] < 0.75 * sums[1]
