@@ -18,6 +18,13 @@ applied as integers and the whole polynomial pays ONE truncation
 x^2 and |x| (u and u^2 share one truncation, no product). The variable u in
 [-1, 1] keeps coefficients below 1, so fixed-point rounding is not amplified.
 
+Why it is shallow (rounds): :func:`relu_plus_window` does not wait for the sign to form
+|x|. It evaluates the positive side's polynomial at u+ = 2x/T - 1 and the negative side's at
+u- = -2x/T - 1 (:func:`both_sides`; one of them is u) beside the comparison
+(:func:`.replicated.lockstep.run_together`, which merges their rounds), then selects with the
+bits: relu(x) + c * (P+ + b * (P- - P+)). SiLU: 17 -> 12 rounds per call, for twice the
+polynomial's products.
+
 Why it is robust: x^2 is never truncated (:func:`square_untruncated`), so the
 window bit is exact for |x| < 46341 and everything computed for |x| >= T, even
 if garbage, is multiplied by c = 0.
@@ -33,8 +40,10 @@ import crypten
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
-__all__ = ["powers", "fixed_point_combination", "square_untruncated", "sign_window",
-           "relu_plus_window"]
+from cipherdm_torch.protocols.replicated.lockstep import run_together
+
+__all__ = ["powers", "fixed_point_combination", "square_untruncated", "product_untruncated",
+           "sign_window", "both_sides", "relu_plus_window"]
 
 
 def powers(s: MPCTensor, degree: int, square: Optional[MPCTensor] = None) -> Dict[int, MPCTensor]:
@@ -91,47 +100,115 @@ def square_untruncated(x: MPCTensor) -> MPCTensor:
     return out
 
 
-def sign_window(x: MPCTensor, bound: float) -> Tuple[MPCTensor, MPCTensor, MPCTensor]:
+def sign_window(x: MPCTensor, bound: float, square: Optional[MPCTensor] = None
+                ) -> Tuple[MPCTensor, MPCTensor, MPCTensor]:
     """(b, c, s) with b = [x < 0], c = [|x| < bound] from one batched comparison, s = x^2 2^f.
 
     The window compares the untruncated square (:func:`square_untruncated`), so both
-    bits are exact for every |x| < 46341, however far outside the window.
+    bits are exact for every |x| < 46341, however far outside the window. ``square``: s when
+    the caller has it already.
     """
-    s = square_untruncated(x)
+    s = square_untruncated(x) if square is None else square
     scale = float(FixedPointEncoder().scale)
     bits = crypten.stack([x, s - float(bound) ** 2 * scale])._ltz()
     return bits[0], bits[1], s
+
+
+def both_sides(x: MPCTensor, s: MPCTensor, bound: float, pos: Sequence[float],
+               neg: Sequence[float]) -> Tuple[MPCTensor, MPCTensor]:
+    """(pos(u+), neg(u-)) with u+ = 2x/T - 1 and u- = -2x/T - 1: the window polynomial of
+    either sign, computed without knowing the sign of x (so beside the comparison that finds
+    it). For x >= 0, u+ = 2|x|/T - 1; for x < 0, u- is. The other side's value is finite
+    garbage (|u| <= 3 in the window) that the exact sign bit multiplies by 0.
+
+    ``s`` is x^2 2^f (:func:`square_untruncated`). With an integer T, u+ and u+^2 come from ONE
+    truncation of integer combinations of x and s; u- = -u+ - 2 and u-^2 = u+^2 + 4 u+ + 4 are
+    local."""
+    scale = int(FixedPointEncoder().scale)
+    if float(bound).is_integer():
+        tb = int(bound)
+        raw = crypten.stack([x * (2 * tb * scale), s * 4 - x * (4 * tb * scale)])
+        raw = raw.div(tb * tb * scale)
+        up, up2 = raw[0] - 1.0, raw[1] + 1.0
+        # u- = -u+ - 2, so u-^2 = u+^2 + 4 u+ + 4: local
+        u, u2 = crypten.stack([up, -up - 2.0]), crypten.stack([up2, up2 + up * 4 + 4.0])
+    else:
+        up = x * (2.0 / bound) - 1.0
+        u, u2 = crypten.stack([up, -up - 2.0]), None
+    degree = max(len(pos), len(neg)) - 1
+    pos = list(pos) + [0.0] * (degree + 1 - len(pos))
+    neg = list(neg) + [0.0] * (degree + 1 - len(neg))
+    if degree == 0:
+        return x * 0 + pos[0], x * 0 + neg[0]
+    if u2 is not None and degree <= 6:
+        p = _sextic(u, u2, [pos + [0.0] * (6 - degree), neg + [0.0] * (6 - degree)])
+        return p[0], p[1]
+    pw = powers(u, degree, square=u2)
+    # sum_k w[k, side] u_side^k, side 0 with pos's weights and side 1 with neg's: one truncation
+    stacked = crypten.stack([pw[k] for k in range(1, degree + 1)])  # (degree, 2, *x.shape)
+    w = torch.tensor([[int(round(pos[k] * scale)), int(round(neg[k] * scale))]
+                      for k in range(1, degree + 1)], dtype=torch.long)
+    out = stacked[0].clone()
+    out.share = (stacked.share * w.reshape(degree, 2, *([1] * x.dim()))).sum(0)
+    out = out.div(scale)
+    return out[0] + pos[0], out[1] + neg[0]
+
+
+def product_untruncated(a: MPCTensor, b: MPCTensor) -> MPCTensor:
+    """a * b * 2^f as a fixed-point secret (the ring product, not truncated): to be summed with
+    other values at the doubled scale and truncated once."""
+    ai = a.clone()
+    ai.encoder = FixedPointEncoder(precision_bits=0)  # integer scale: CrypTen skips truncation
+    out = ai * b
+    out.encoder = FixedPointEncoder()
+    return out
+
+
+def _sextic(u: MPCTensor, u2: MPCTensor, coeffs: Sequence[Sequence[float]]) -> MPCTensor:
+    """sum_k a[side][k] u^k (k <= 6) for u stacked by side (dim 0), given u and u^2, in two
+    truncations: [u^3, L2 = a3 + a4 u + a5 u^2 + a6 u^3] in one, then L1 + u^3 L2 with
+    L1 = a0 + a1 u + a2 u^2 in the other (the linear terms ride at the product's scale).
+    Powers of u would take three (u^3 and u^4, then u^5 and u^6, then the combination).
+
+    In the first truncation every term is at scale 2^(3f) and divided by 2^(2f): u^3 is the
+    untruncated product u u^2 (2^(2f)) times 2^f, a6 u^3 that product times a6's integer
+    weight, a4 u and a5 u^2 their weights times 2^f (|u| <= 3: at most ~2^53, below the exact
+    truncation's 2^62)."""
+    scale = int(FixedPointEncoder().scale)
+    lead = (len(coeffs),) + (1,) * (u.dim() - 1)
+
+    def weight(k):  # integer weights at the encoder's scale, one per side
+        return torch.tensor([int(round(c[k] * scale)) for c in coeffs], dtype=torch.long
+                            ).reshape(lead)
+
+    def const(k):
+        return torch.tensor([float(c[k]) for c in coeffs], dtype=torch.float64).reshape(lead)
+
+    u3 = product_untruncated(u, u2)  # u^3 at 2^(2f)
+    l2 = u3.clone()
+    l2.share = (u.share * weight(4) + u2.share * weight(5)) * scale + u3.share * weight(6)
+    u3.share = u3.share * scale
+    both = crypten.stack([u3, l2]).div(scale * scale)
+    u3, l2 = both[0], both[1] + const(3)
+    out = product_untruncated(u3, l2)
+    out.share = out.share + u.share * weight(1) + u2.share * weight(2)
+    return out.div(scale) + const(0)
 
 
 def relu_plus_window(x: MPCTensor, bound: float, pos: Sequence[float],
                      neg: Sequence[float]) -> MPCTensor:
     """relu(x) + [|x| < bound] * (x >= 0 ? pos : neg)(2|x|/bound - 1); coefficients u^0 first.
 
+    The sign / window comparison and both sides' polynomials (:func:`both_sides`) do not
+    depend on each other: they run side by side (:func:`.replicated.lockstep.run_together`),
+    so the polynomial's rounds hide behind the comparison's; then one round selects the side
+    (b * [x, neg - pos]) and one applies the window bit.
+
     Outside the window every intermediate may be garbage (huge u); it is multiplied
     by the exact bit c = 0, so the result there is exactly relu(x).
     """
-    b, c, s = sign_window(x, bound)
-    bx = b * x  # integer-scale bit: no truncation
-    relu = x - bx
-    t = relu - bx  # |x|
-    scale = int(FixedPointEncoder().scale)
-    if float(bound).is_integer():
-        # u = 2T|x|/T^2 - 1 and u^2 = (4x^2 - 4T|x|)/T^2 + 1 from s = x^2 2^f: integer
-        # weights, both divided by T^2 2^f in ONE truncation (one round), no product
-        tb = int(bound)
-        raw = crypten.stack([t * (2 * tb * scale), s * 4 - t * (4 * tb * scale)])
-        raw = raw.div(tb * tb * scale)
-        u, u2 = raw[0] - 1.0, raw[1] + 1.0
-    else:
-        u, u2 = t * (2.0 / bound) - 1.0, None
-    degree = max(len(pos), len(neg)) - 1
-    pw = powers(u, degree, square=u2)
-    terms = [pw[k] for k in range(1, degree + 1)]
-    pos = list(pos) + [0.0] * (degree + 1 - len(pos))
-    neg = list(neg) + [0.0] * (degree + 1 - len(neg))
-    if pos == neg:
-        p = fixed_point_combination(terms, [pos[1:]])[0] + pos[0]
-        return relu + c * p
-    diff = [q - p for p, q in zip(pos, neg)]
-    p, d = fixed_point_combination(terms, [pos[1:], diff[1:]])
-    return relu + c * (p + pos[0] + b * (d + diff[0]))
+    s = square_untruncated(x)
+    (b, c, _), (p, q) = run_together(lambda: sign_window(x, bound, square=s),
+                                      lambda: both_sides(x, s, bound, pos, neg))
+    bx, bd = b * crypten.stack([x, q - p])  # b broadcast: re-shared once
+    return (x - bx) + c * (p + bd)

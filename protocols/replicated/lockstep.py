@@ -39,6 +39,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import crypten
 import torch
 
 from cipherdm_torch.mpc import prg
@@ -113,9 +114,11 @@ def run_together(*fns: Callable[[], Any]) -> List[Any]:
     from cipherdm_torch.protocols import config
     from cipherdm_torch.protocols.replicated import arith
 
-    if len(fns) < 2 or getattr(_LOCAL, "group", None) is not None or not prg.has_streams():
-        # one branch, nested, or CrypTen's generators (insecure benchmark mode: one shared
-        # sequence, no per-branch streams): one after the other
+    if (len(fns) < 2 or getattr(_LOCAL, "group", None) is not None or not prg.has_streams()
+            or crypten.cfg.mpc.protocol != "rss"):
+        # one branch, nested, CrypTen's generators (insecure benchmark mode: one shared
+        # sequence, no per-branch streams) or another backend (CrypTen's protocols do not
+        # exchange through arith): one after the other
         return [fn() for fn in fns]
     group = _Group(len(fns))
     grad, stack = torch.is_grad_enabled(), config.snapshot_stack()
