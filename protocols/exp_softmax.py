@@ -6,7 +6,8 @@ b(z) = ((1 + z)^2 + 1) / 2 lies in [1/2, 1], so the result stays in [0, 1] and
 decays for every x in [-2^(n+1), 0]; its absolute error is below
 0.23 / 4^n (n = 6: 6e-5, against CrypTen's 1e-3 with 8 squarings). Inputs
 below -exp_clip are set to exactly 0 by one comparison (knob
-``exp_clip_compare``, on by default: without it, inputs below -2^(n+1) grow). When a
+``exp_clip_compare``, on by default: without it, inputs below -2^(n+1) grow), which runs
+beside the squarings (:func:`.side_by_side.run_together`: their rounds are shared). When a
 calibrated lower bound of the inputs is known (knob ``exp_input_min``, e.g. the recorded
 softmax range -9.95 with margin) and lies above -1.75 * 2^n (:func:`exp_safe_bound`), the
 comparison is skipped: there the unclipped result is already within 6e-5 of exp(x).
@@ -38,6 +39,7 @@ from crypten.mpc import MPCTensor
 from cipherdm_torch.protocols import config
 from cipherdm_torch.protocols.max_tree import larger_by_sign, ternary_max, tree_max
 from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
+from cipherdm_torch.protocols.side_by_side import run_together
 
 __all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax",
            "truncation_is_exact"]
@@ -79,21 +81,30 @@ def exp(x: MPCTensor) -> MPCTensor:
     """exp(x) for x <= 0 (positive inputs are not supported: the result would grow)."""
     cfg = config.current()
     n = cfg.exp_squarings
-    keep = None
-    if _needs_clip(cfg):
-        keep = 1 - (x + _clip_bound(cfg))._ltz()  # [x >= -bound], integer scale
+
+    def clip():
+        return 1 - (x + _clip_bound(cfg))._ltz()  # [x >= -bound], integer scale
+
     if n < 1 or x.encoder.scale <= 1 or not truncation_is_exact():
-        return _exp_plain_order(x, n, keep)
-    # b(z) = ((1 + z)^2 + 1) / 2 with 1 + z = (x + 2^n) / 2^n: the division by 2^n and the
-    # square are ONE truncation of the untruncated square of u = x + 2^n, and the halving
-    # rides in the first squaring's truncation: two truncated products for b(z)^2 instead
-    # of four (z, z^2, z^2 / 2, the first squaring)
-    u = x + 2.0 ** n
-    v = _square_div(u, 2 ** (2 * n)) + 1  # (1 + z)^2 + 1 = 2 b(z)
-    y = _square_div(v, 4)  # b(z)^2
-    for _ in range(n - 1):
-        y = y.square()
-    return y if keep is None else y * keep
+        return _exp_plain_order(x, n, clip() if _needs_clip(cfg) else None)
+
+    def chain():
+        # b(z) = ((1 + z)^2 + 1) / 2 with 1 + z = (x + 2^n) / 2^n: the division by 2^n and the
+        # square are ONE truncation of the untruncated square of u = x + 2^n, and the halving
+        # rides in the first squaring's truncation: two truncated products for b(z)^2 instead
+        # of four (z, z^2, z^2 / 2, the first squaring)
+        u = x + 2.0 ** n
+        v = _square_div(u, 2 ** (2 * n)) + 1  # (1 + z)^2 + 1 = 2 b(z)
+        y = _square_div(v, 4)  # b(z)^2
+        for _ in range(n - 1):
+            y = y.square()
+        return y
+
+    if not _needs_clip(cfg):
+        return chain()
+    # the clip comparison does not depend on the squarings: side by side, rounds merged
+    keep, y = run_together(clip, chain)
+    return y * keep
 
 
 def _square_div(t: MPCTensor, d: int) -> MPCTensor:

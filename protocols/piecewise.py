@@ -21,7 +21,7 @@ x^2 and |x| (u and u^2 share one truncation, no product). The variable u in
 Why it is shallow (rounds): :func:`relu_plus_window` does not wait for the sign to form
 |x|. It evaluates the positive side's polynomial at u+ = 2x/T - 1 and the negative side's at
 u- = -2x/T - 1 (:func:`both_sides`; one of them is u) beside the comparison
-(:func:`.replicated.lockstep.run_together`, which merges their rounds), then selects with the
+(:func:`.side_by_side.run_together`, which merges their rounds), then selects with the
 bits: relu(x) + c * (P+ + b * (P- - P+)). SiLU: 17 -> 12 rounds per call, for twice the
 polynomial's products.
 
@@ -40,7 +40,7 @@ import crypten
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
-from cipherdm_torch.protocols.replicated.lockstep import run_together
+from cipherdm_torch.protocols.side_by_side import run_together
 
 __all__ = ["powers", "fixed_point_combination", "square_untruncated", "product_untruncated",
            "sign_window", "both_sides", "relu_plus_window"]
@@ -200,7 +200,7 @@ def relu_plus_window(x: MPCTensor, bound: float, pos: Sequence[float],
     """relu(x) + [|x| < bound] * (x >= 0 ? pos : neg)(2|x|/bound - 1); coefficients u^0 first.
 
     The sign / window comparison and both sides' polynomials (:func:`both_sides`) do not
-    depend on each other: they run side by side (:func:`.replicated.lockstep.run_together`),
+    depend on each other: they run side by side (:func:`.side_by_side.run_together`),
     so the polynomial's rounds hide behind the comparison's; then one round selects the side
     (b * [x, neg - pos]) and one applies the window bit.
 

@@ -20,6 +20,8 @@ How it hooks in (no CrypTen code copied, nothing in CrypTen edited):
   wrapped to carry the cached replica share along (otherwise the next multiplication
   pays a re-share, 8 bytes per element). ``index_add_`` / ``scatter_add_``, which
   CrypTen runs on party 0 only for a public operand, drop the replica on every party.
+* :func:`cipherdm_torch.protocols.side_by_side.run_together` (independent parts of an
+  approximation) gets :func:`.lockstep.run_together` as its runner: their rounds are merged.
 
 Party-independent communication (issue 13): whether an op re-shares is decided only by
 :func:`.arith.cached_next` (replica attached to this tensor object, not modified in
@@ -55,8 +57,9 @@ from crypten.common.tensor_types import is_tensor
 import torch
 from crypten.encoder import FixedPointEncoder
 
-from cipherdm_torch.protocols import sharewise
+from cipherdm_torch.protocols import sharewise, side_by_side
 from cipherdm_torch.protocols.replicated import arith as rss_arith, binary as rss_binary, compare as rss_compare
+from cipherdm_torch.protocols.replicated import lockstep
 
 __all__ = ["NAME", "install", "uninstall", "is_active", "enable", "disable", "replicated_backend"]
 
@@ -278,6 +281,7 @@ def install() -> None:
     for name in _RANK0_INPLACE:
         _patch(ArithmeticSharedTensor, name, _rank0_inplace(name))
     sharewise.on_local_op(rss_arith.carry_local_op)  # the compiler's share-wise ops carry replicas
+    side_by_side.register_runner(lockstep.run_together)  # independent parts share their rounds
 
 
 def uninstall() -> None:
@@ -293,6 +297,7 @@ def uninstall() -> None:
     _SAVED.clear()
     _ORIG.clear()
     sharewise.remove_local_op_observer(rss_arith.carry_local_op)
+    side_by_side.register_runner(None)
 
 
 def enable() -> None:

@@ -7,7 +7,7 @@ import sys
 
 APPROXIMATIONS = ["activations", "baseline", "coefficients", "config", "exp_softmax", "functions",
                   "max_tree", "normalization", "piecewise", "reciprocal", "recorded_ranges",
-                  "sharewise"]
+                  "sharewise", "side_by_side"]
 MODULES = [f"cipherdm_torch.protocols.{m}" for m in APPROXIMATIONS] + [
     "cipherdm_torch.compiler.ops", "cipherdm_torch.compiler"]
 
