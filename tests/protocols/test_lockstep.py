@@ -76,3 +76,24 @@ def test_branches_share_rounds(parties):
     longest = sum(max(r["rounds"][2]) for r in results)
     assert sums[0] <= longest + 3
     assert sums[0] < 0.75 * sums[1]
+
+
+def test_forked_streams_match_across_a_pair_and_differ_between_branches():
+    """The two ends of a pair (party i's "next", party i+1's "prev": the same key) fork the
+    same per-branch streams; different branches get unrelated streams."""
+    from cipherdm_torch.mpc import prg
+
+    key_a, key_b = bytes(range(16)), bytes(range(16, 32))
+    saved = dict(prg._STREAMS)
+    try:
+        prg.install_streams({"next": prg.KeyStream(key_a), "prev": prg.KeyStream(key_b)})
+        mine = prg.fork_streams(3)
+        prg.install_streams({"prev": prg.KeyStream(key_a), "next": prg.KeyStream(key_b)})
+        theirs = prg.fork_streams(3)
+    finally:
+        prg.install_streams(saved)
+    for i in range(3):
+        assert torch.equal(mine[i]["next"].ring((8,)), theirs[i]["prev"].ring((8,)))
+        assert torch.equal(mine[i]["prev"].ring((8,)), theirs[i]["next"].ring((8,)))
+    draws = [m["next"].ring((4,)) for m in mine]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
