@@ -106,3 +106,35 @@ def test_empty_mpc_tensor_matches_cryptens_own(parties):
         x = torch.arange(6.0).reshape(2, 3)
         torch.testing.assert_close(r["stacked"], torch.stack([x, x]))
         torch.testing.assert_close(r["from_shares"], x)
+
+
+def test_attribute_fast_path_answers_like_cryptens_dispatch(saved_cfg, monkeypatch):
+    """Plain attributes come straight from the object; functions, operators and in-place forms
+    still take CrypTen's dispatch; with validation mode on every read takes CrypTen's path."""
+    from crypten.cryptensor import CrypTensor
+    from crypten.mpc import MPCTensor
+
+    fast = CrypTensor.__getattribute__
+    assert getattr(fast, "_cipherdm_fast_attribute", False)
+    original = fast.__wrapped__
+    t = MPCTensor([])  # no communication: an empty sharing
+    for name in ("share", "_tensor", "encoder", "ptype", "size", "dim", "requires_grad",
+                 "__class__", "mul", "add", "__add__", "neg_", "copy_", "sum"):
+        a, b = fast(t, name), original(t, name)
+        if callable(a) and hasattr(a, "__func__"):
+            assert a.__func__ is b.__func__, name
+        elif not callable(a):
+            assert a is b or a == b, name
+        else:
+            assert type(a) is type(b), name
+    # validation mode on: the read takes CrypTen's path, which validates it
+    seen = []
+    monkeypatch.setattr("crypten.debug.validate_correctness",
+                        lambda self, fn, name: seen.append(name) or fn)
+    _ = t.ptype
+    cfg.debug.validation_mode = True
+    enc = t.encoder
+    cfg.debug.validation_mode = False
+    assert enc is original(t, "encoder")
+    _ = t.ptype
+    assert "encoder" in seen and "ptype" not in seen  # (encoder reads _tensor: validated too)
