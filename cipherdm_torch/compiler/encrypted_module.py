@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import functools
 import hashlib
 import warnings
 from typing import Any, ContextManager, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
@@ -40,6 +41,7 @@ from cipherdm_torch.compiler import graph as graph_mod, ops
 from cipherdm_torch.mpc.crypten_compat import crypten
 from cipherdm_torch.mpc.channel import op_label
 from cipherdm_torch.mpc.runtime import party
+from cipherdm_torch.protocols import side_by_side
 
 __all__ = ["EncryptedModule", "FixedPointRangeWarning", "encrypt", "fixed_point_limit", "reveal"]
 
@@ -338,31 +340,47 @@ def _node_label(index: int, name: str) -> str:
 
 
 def _interpret(compiled: _Compiled, values: Dict[str, Any], record: Optional[dict] = None):
-    """Evaluate the graph: plaintext for public nodes, the op registry for secret ones."""
+    """Evaluate the graph: plaintext for public nodes, the op registry for secret ones.
+
+    Secret ops that do not depend on each other run side by side when they come one after the
+    other in the graph (:func:`_next_group`: an attention's q, k and v projections, a ResNet
+    block's second convolution and its shortcut, its first convolution and the time-embedding
+    projection): their rounds are shared (:func:`cipherdm_torch.protocols.side_by_side.run_together`;
+    one after the other on CrypTen's own backends). With ``record`` (activation ranges) every
+    node runs on its own, in order.
+    """
     env: Dict[str, Any] = {}
     fetch = lambda a: env[a.name]  # noqa: E731
-    for i, n in enumerate(compiled.nodes):
+    nodes = compiled.nodes
+    i = 0
+    while i < len(nodes):
+        n = nodes[i]
         if n.op == "placeholder":
             env[n.name] = values[n.name]
+            done = [i]
+        elif n.op == "call_function" and record is None:
+            members, done = _next_group(nodes, i, env)
+            if len(members) == 1:
+                j, node, impl, args, kwargs = members[0]
+                env[node.name] = _secret_call(j, node, impl, args, kwargs)
+            elif members:
+                outs = side_by_side.run_together(
+                    *[functools.partial(_secret_call, *m) for m in members])
+                for m, out in zip(members, outs):
+                    env[m[1].name] = out
+            done = done + [m[0] for m in members]
         elif n.op == "call_function":
             args = torch.fx.node.map_arg(n.args, fetch)
             kwargs = torch.fx.node.map_arg(n.kwargs, fetch)
             if ops.any_secret(*args, **kwargs):
-                impl = ops.lookup(n.target)
-                try:  # the node's one cost region: its kind (see compiler.ops.registry)
-                    with cost.region(impl.kind), op_label(_node_label(i, n.name)):
-                        out = impl.fn(*args, **kwargs)
-                except Exception as exc:
-                    raise RuntimeError(f"secret {n.target} at {n.name} ({graph_mod.where(n)}) "
-                                       f"failed: {type(exc).__name__}: {exc}") from exc
-                _check_shape(n, out)
+                out = _secret_call(i, n, ops.lookup(n.target), args, kwargs)
             else:
                 with cost.region("public"):
                     out = n.target(*args, **kwargs)
             env[n.name] = out
-            if record is not None and torch.is_tensor(out) and out.is_floating_point() \
-                    and out.numel():
+            if torch.is_tensor(out) and out.is_floating_point() and out.numel():
                 record[n.name] = float(out.detach().abs().max())
+            done = [i]
         elif n.op == "output":
             flat = torch.fx.node.map_arg(n.args[0], fetch)
             flat = list(flat) if isinstance(flat, (list, tuple)) else [flat]
@@ -372,9 +390,64 @@ def _interpret(compiled: _Compiled, values: Dict[str, Any], record: Optional[dic
                 return tuple(flat) if len(flat) > 1 else flat[0]
         else:
             raise graph_mod.UnsupportedOpsError([f"graph node {n.op} {n.target}"])
-        for name in compiled.free_after.get(i, ()):
-            env.pop(name, None)
+        for k in done:
+            for name in compiled.free_after.get(k, ()):
+                env.pop(name, None)
+        i = max(done) + 1
     raise RuntimeError("graph has no output node")
+
+
+# op kinds that never communicate (share-wise and public work): run at once, never grouped
+_LOCAL_KINDS = ("add", "shape")
+# products (one re-share / truncation each) are grouped; the nonlinear kinds run alone, since
+# a side-by-side branch runs its own side-by-side parts one after the other (no nesting)
+_GROUPED_KINDS = ("linear", "conv2d", "matmul", "mul", "div", "pool", "embedding")
+
+
+def _next_group(nodes, start: int, env: Dict[str, Any]):
+    """From node ``start`` on: the secret ops to run side by side, and the local nodes run
+    meanwhile. Scans consecutive ``call_function`` nodes; a public or share-wise node whose
+    inputs are ready is evaluated at once (it never communicates, so running it early changes
+    no party's messages), a communicating secret op joins the group; the scan stops at the
+    first node that needs a group member's output (or at a non-call node).
+    Returns (members [(index, node, impl, args, kwargs)], indices evaluated at once)."""
+    fetch = lambda a: env[a.name]  # noqa: E731
+    members, done, pending = [], [], set()
+    for i in range(start, len(nodes)):
+        n = nodes[i]
+        if n.op != "call_function" or any(a.name in pending for a in n.all_input_nodes):
+            break
+        args = torch.fx.node.map_arg(n.args, fetch)
+        kwargs = torch.fx.node.map_arg(n.kwargs, fetch)
+        if not ops.any_secret(*args, **kwargs):
+            with cost.region("public"):
+                env[n.name] = n.target(*args, **kwargs)
+            done.append(i)
+            continue
+        impl = ops.lookup(n.target)
+        if impl.kind in _LOCAL_KINDS:
+            env[n.name] = _secret_call(i, n, impl, args, kwargs)
+            done.append(i)
+            continue
+        if impl.kind not in _GROUPED_KINDS:  # runs alone (its own parts may run side by side)
+            if not members:
+                members.append((i, n, impl, args, kwargs))
+            break
+        members.append((i, n, impl, args, kwargs))
+        pending.add(n.name)
+    return members, done
+
+
+def _secret_call(i: int, n, impl, args, kwargs):
+    """One secret op, in its cost region and desync label, shape-checked."""
+    try:  # the node's one cost region: its kind (see compiler.ops.registry)
+        with cost.region(impl.kind), op_label(_node_label(i, n.name)):
+            out = impl.fn(*args, **kwargs)
+    except Exception as exc:
+        raise RuntimeError(f"secret {n.target} at {n.name} ({graph_mod.where(n)}) "
+                           f"failed: {type(exc).__name__}: {exc}") from exc
+    _check_shape(n, out)
+    return out
 
 
 def _check_shape(node, out) -> None:

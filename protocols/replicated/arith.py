@@ -259,11 +259,21 @@ def replicate_many(shares: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Replicas of several shares; the missing ones are re-shared together in one round."""
     rank, ws = _rank_ws()
     out = [cached_next(s) for s in shares]
-    missing = [k for k, r in enumerate(out) if r is None]
-    if missing:
+    missing, waiting = [], False
+    for k, r in enumerate(out):
+        if r is None:
+            pending = lockstep.resharing(shares[k])  # a sibling branch re-shares it this round
+            if pending is not None:
+                out[k], waiting = pending, True
+            else:
+                missing.append(k)
+    if missing or waiting:
         prev, nxt = (rank - 1) % ws, (rank + 1) % ws
         bufs = [torch.empty_like(shares[k], memory_format=torch.contiguous_format)
                 for k in missing]
+        for k, b in zip(missing, bufs):
+            lockstep.mark_resharing(shares[k], b)
+        # (only waiting: an empty exchange, i.e. this branch waits for the sibling's round)
         exchange([(shares[k], prev) for k in missing], [(b, nxt) for b in bufs])
         for k, b in zip(missing, bufs):
             out[k] = b

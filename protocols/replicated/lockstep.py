@@ -44,7 +44,7 @@ import torch
 
 from cipherdm_torch.mpc import prg
 
-__all__ = ["run_together", "defer"]
+__all__ = ["run_together", "defer", "resharing", "mark_resharing"]
 
 Message = Tuple[torch.Tensor, int]
 _LOCAL = threading.local()  # .group, .index in a branch thread
@@ -60,6 +60,8 @@ class _Group:
         self.done = [False] * n
         self.results: List[Any] = [None] * n
         self.error: Optional[BaseException] = None
+        # replicas being re-shared in this round: id(share) -> (share, receive buffer)
+        self.resharing: dict = {}
 
     def hand_to(self, turn: Optional[int]) -> None:
         with self.cond:
@@ -83,6 +85,27 @@ def defer(sends: Sequence[Message], recvs: Sequence[Message]) -> bool:
     group.hand_to(None)
     group.wait_for(index)
     return True
+
+
+def resharing(share: torch.Tensor) -> Optional[torch.Tensor]:
+    """The buffer into which a sibling branch re-shares ``share`` in the coming round, or None.
+
+    Branches that multiply the same input (the q, k and v projections of one activation) would
+    each re-share it; the later ones wait for the first one's round instead (same rounds, 8 B
+    per element less each). The answer depends on the program only (which branch asked first
+    for this very tensor object in this round), so it is the same on every party."""
+    group = getattr(_LOCAL, "group", None)
+    if group is None:
+        return None
+    entry = group.resharing.get(id(share))
+    return entry[1] if entry is not None and entry[0] is share else None
+
+
+def mark_resharing(share: torch.Tensor, buf: torch.Tensor) -> None:
+    """Announce that this branch re-shares ``share`` into ``buf`` in the coming round."""
+    group = getattr(_LOCAL, "group", None)
+    if group is not None:
+        group.resharing[id(share)] = (share, buf)
 
 
 def _branch_body(group: _Group, index: int, fn: Callable[[], Any], grad: bool,
@@ -135,6 +158,7 @@ def run_together(*fns: Callable[[], Any]) -> List[Any]:
                 group.wait_for(None)
         posted = [p for p in group.posted if p is not None]
         group.posted = [None] * len(fns)
+        resharing, group.resharing = group.resharing, {}  # kept alive until the round is done
         if posted:
             arith.exchange_now([m for s, _ in posted for m in s], [m for _, r in posted for m in r])
     for t in threads:
