@@ -43,6 +43,7 @@ import crypten
 import torch
 
 from cipherdm_torch.mpc import prg
+from cipherdm_torch.protocols import config
 
 __all__ = ["run_together", "defer", "resharing", "mark_resharing"]
 
@@ -110,8 +111,6 @@ def mark_resharing(share: torch.Tensor, buf: torch.Tensor) -> None:
 
 def _branch_body(group: _Group, index: int, fn: Callable[[], Any], grad: bool,
                  settings_stack: list, streams: dict) -> None:
-    from cipherdm_torch.protocols import config
-
     _LOCAL.group, _LOCAL.index = group, index
     config.adopt_stack(settings_stack)
     prg.use_thread_streams(streams)
@@ -134,8 +133,7 @@ def run_together(*fns: Callable[[], Any]) -> List[Any]:
     branch's r-th exchange. Results come back in the order of ``fns``; the first exception a
     branch raised is raised here after every branch has finished.
     """
-    from cipherdm_torch.protocols import config
-    from cipherdm_torch.protocols.replicated import arith
+    from cipherdm_torch.protocols.replicated import arith  # local: arith imports this module
 
     if (len(fns) < 2 or getattr(_LOCAL, "group", None) is not None or not prg.has_streams()
             or crypten.cfg.mpc.protocol != "rss"):
