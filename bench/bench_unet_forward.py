@@ -18,6 +18,10 @@ kernels vs Python overhead; it also times a ping-pong round of 8 bytes through t
 ring re-share) next to the average round inside the forward. ``--no-cse`` exports without
 common-subexpression elimination (the graph before issue 15).
 
+Ops that run side by side (independent products of the graph, on the replicated backend) share
+their rounds: each of their regions counts the shared rounds, bytes waited and seconds, so
+per-op rows of such ops overlap; TOTAL counts every round once.
+
     python bench/bench_unet_forward.py [--batch 1] [--variants baseline optimised optimised+rss]
         [--cprofile] [--no-cse]
 """
