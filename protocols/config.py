@@ -26,8 +26,8 @@ backend, and the backend-independent protocols that read these settings never de
 from __future__ import annotations
 
 import dataclasses
+import contextvars
 import importlib
-import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, Optional
@@ -118,15 +118,19 @@ class Settings:
 
 
 _STACK = [Settings()]
-_THREAD = threading.local()  # .stack: a branch thread's own stack (see adopt_stack)
+# a lockstep branch's own stack (see adopt_stack); a context variable, so each branch (a
+# coroutine in the caller's thread) sees its own
+_BRANCH_STACK: contextvars.ContextVar = contextvars.ContextVar("protocol_settings_stack",
+                                                                default=None)
 
 
 def _stack() -> list:
-    return getattr(_THREAD, "stack", _STACK)
+    own = _BRANCH_STACK.get()
+    return _STACK if own is None else own
 
 
 def current() -> Settings:
-    """The settings in force in this process (in this thread, for a lockstep branch)."""
+    """The settings in force in this process (in this branch, for a lockstep branch)."""
     return _stack()[-1]
 
 
@@ -136,10 +140,10 @@ def snapshot_stack() -> list:
 
 
 def adopt_stack(stack: list) -> None:
-    """Give the calling thread its own settings stack (a lockstep branch of
+    """Give the current context its own settings stack (a lockstep branch of
     :mod:`cipherdm_torch.protocols.replicated.lockstep`: its ``use`` blocks must not push onto
     the stack of a sibling branch running between its rounds)."""
-    _THREAD.stack = list(stack)
+    _BRANCH_STACK.set(list(stack))
 
 
 @contextmanager

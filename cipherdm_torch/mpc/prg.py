@@ -16,8 +16,8 @@ Naming follows CrypTen: on party ``i``, ``"next"`` is the stream shared with par
 
 from __future__ import annotations
 
+import contextvars
 import os
-import threading
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -97,7 +97,10 @@ def has_streams() -> bool:
     return bool(_STREAMS)
 
 
-_THREAD = threading.local()  # .streams: a lockstep branch's own streams (fork_streams)
+# a lockstep branch's own streams (fork_streams); a context variable, so each branch (a
+# coroutine in the caller's thread) sees its own
+_BRANCH_STREAMS: contextvars.ContextVar = contextvars.ContextVar("prg_branch_streams",
+                                                                  default=None)
 
 
 def fork_streams(count: int) -> List[Dict[str, KeyStream]]:
@@ -118,13 +121,14 @@ def fork_streams(count: int) -> List[Dict[str, KeyStream]]:
 
 
 def use_thread_streams(streams: Optional[Dict[str, KeyStream]]) -> None:
-    """Make ``streams`` (from :func:`fork_streams`) the calling thread's pairwise streams."""
-    _THREAD.streams = streams
+    """Make ``streams`` (from :func:`fork_streams`) the pairwise streams of the current context
+    (a lockstep branch); None: the process's own again."""
+    _BRANCH_STREAMS.set(streams)
 
 
 def stream(which: str) -> KeyStream:
     """The pairwise stream ``which`` ("prev" / "next") of this party (of this lockstep branch)."""
-    own = getattr(_THREAD, "streams", None)
+    own = _BRANCH_STREAMS.get()
     if own is not None:
         return own[which]
     try:
