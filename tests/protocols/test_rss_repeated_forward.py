@@ -72,9 +72,13 @@ def _check_all(results, n, size=SIZE):
     # every forward of the same inputs costs the same (no accidental re-share); the first
     # one also re-shares the input (its replica then stays cached on the reused share). The
     # truncation helper rotates from call to call (arith.helper_rotation), so one party's
-    # cost repeats with period 3 in the forward index; the three parties' sum never varies.
+    # cost repeats with period 3 in the forward index; the three parties' summed bytes never
+    # vary. Their summed rounds may, by a few: a round merged from side-by-side branches
+    # (lockstep) counts for a party when it receives in any branch, and whether the helpers of
+    # merged truncations coincide depends on the rotation's phase.
     totals = [tuple(sum(r["costs"][k][i] for r in results) for i in (0, 1)) for k in range(n)]
-    assert len(set(totals[1:])) <= 1, totals
+    assert len({t[0] for t in totals[1:]}) <= 1, totals
+    assert max(t[1] for t in totals[1:]) - min(t[1] for t in totals[1:]) <= 6, totals
     assert all(t[0] <= totals[0][0] for t in totals), totals
     for r in results:
         c = r["costs"]
