@@ -40,6 +40,7 @@ import crypten
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
+from cipherdm_torch.protocols import config
 from cipherdm_torch.protocols.side_by_side import run_together
 
 __all__ = ["powers", "fixed_point_combination", "square_untruncated", "product_untruncated",
@@ -140,7 +141,7 @@ def both_sides(x: MPCTensor, s: MPCTensor, bound: float, pos: Sequence[float],
     neg = list(neg) + [0.0] * (degree + 1 - len(neg))
     if degree == 0:
         return x * 0 + pos[0], x * 0 + neg[0]
-    if u2 is not None and degree <= 6:
+    if u2 is not None and (degree <= 5 or (degree == 6 and _truncation_exact_to_2_62())):
         p = _sextic(u, u2, [pos + [0.0] * (6 - degree), neg + [0.0] * (6 - degree)])
         return p[0], p[1]
     pw = powers(u, degree, square=u2)
@@ -152,6 +153,13 @@ def both_sides(x: MPCTensor, s: MPCTensor, bound: float, pos: Sequence[float],
     out.share = (stacked.share * w.reshape(degree, 2, *([1] * x.dim()))).sum(0)
     out = out.div(scale)
     return out[0] + pos[0], out[1] + neg[0]
+
+
+def _truncation_exact_to_2_62() -> bool:
+    """Whether truncating values near 2^53 is safe: the replicated backend's exact truncation
+    (|x| < 2^62). CrypTen's Beaver truncation assumes no wrap of the masked value, wrong with
+    probability about |x| / 2^64 per element (2^-11 at 2^53: a slow test caught it)."""
+    return crypten.cfg.mpc.protocol == "rss" and config.current().truncation == "exact"
 
 
 def product_untruncated(a: MPCTensor, b: MPCTensor) -> MPCTensor:
@@ -170,10 +178,11 @@ def _sextic(u: MPCTensor, u2: MPCTensor, coeffs: Sequence[Sequence[float]]) -> M
     L1 = a0 + a1 u + a2 u^2 in the other (the linear terms ride at the product's scale).
     Powers of u would take three (u^3 and u^4, then u^5 and u^6, then the combination).
 
-    In the first truncation every term is at scale 2^(3f) and divided by 2^(2f): u^3 is the
-    untruncated product u u^2 (2^(2f)) times 2^f, a6 u^3 that product times a6's integer
-    weight, a4 u and a5 u^2 their weights times 2^f (|u| <= 3: at most ~2^53, below the exact
-    truncation's 2^62)."""
+    With a6 != 0 every term of the first truncation is at scale 2^(3f) and divided by 2^(2f):
+    u^3 is the untruncated product u u^2 (2^(2f)) times 2^f, a6 u^3 that product times a6's
+    integer weight, a4 u and a5 u^2 their weights times 2^f (|u| <= 3: at most ~2^53, below the
+    exact truncation's 2^62; the caller uses this only on the replicated backend's exact
+    truncation). With a6 = 0 the terms stay at 2^(2f)."""
     scale = int(FixedPointEncoder().scale)
     lead = (len(coeffs),) + (1,) * (u.dim() - 1)
 
@@ -184,11 +193,16 @@ def _sextic(u: MPCTensor, u2: MPCTensor, coeffs: Sequence[Sequence[float]]) -> M
     def const(k):
         return torch.tensor([float(c[k]) for c in coeffs], dtype=torch.float64).reshape(lead)
 
+    # a6 = 0 (degree <= 5: SiLU, GELU): everything stays at 2^(2f), values ~2^37 like any
+    # product; only a sixth-degree term lifts the first truncation to 2^(3f) (see the caller)
+    lift = scale if any(c[6] for c in coeffs) else 1
     u3 = product_untruncated(u, u2)  # u^3 at 2^(2f)
     l2 = u3.clone()
-    l2.share = (u.share * weight(4) + u2.share * weight(5)) * scale + u3.share * weight(6)
-    u3.share = u3.share * scale
-    both = crypten.stack([u3, l2]).div(scale * scale)
+    l2.share = (u.share * weight(4) + u2.share * weight(5)) * lift
+    if lift > 1:
+        l2.share = l2.share + u3.share * weight(6)
+    u3.share = u3.share * lift
+    both = crypten.stack([u3, l2]).div(scale * lift)
     u3, l2 = both[0], both[1] + const(3)
     out = product_untruncated(u3, l2)
     out.share = out.share + u.share * weight(1) + u2.share * weight(2)
