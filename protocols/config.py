@@ -135,7 +135,7 @@ def current() -> Settings:
 
 
 def snapshot_stack() -> list:
-    """A copy of this thread's settings stack, for :func:`adopt_stack` in another thread."""
+    """A copy of the current settings stack, for :func:`adopt_stack` in a lockstep branch."""
     return list(_stack())
 
 

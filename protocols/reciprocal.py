@@ -206,15 +206,15 @@ def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
     d, ks = exponent_onehot(x, lo, hi, steps)
     pd = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[1] * 2.0 ** -kr[0], x,
                bits=GUESS_BITS)
+    c = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[0], x, bits=GUESS_BITS)
+    q = weigh(d, ks, lambda kr: 2.0 ** (-kr[0] / 2), x, bits=GUESS_BITS)
+    one = x * 0 + 1
     if iters == 0 and times is not None:
-        return _times_guess(d, ks, steps, pd, x, times)
+        return _times_guess(pd, c, q, one, x, times)
     ph = weigh(d, ks, lambda kr: 2.0 ** -(kr[0] + 1), x, bits=GUESS_BITS)
     # the bucket's intercept c and q ride along (times 1): the product's outputs carry the
     # replicated backend's replica (for q, kept by its expansion to the shape of ``times``), so
     # no later product re-shares them
-    c = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[0], x, bits=GUESS_BITS)
-    q = weigh(d, ks, lambda kr: 2.0 ** (-kr[0] / 2), x, bits=GUESS_BITS)
-    one = x * 0 + 1
     h, md, c, q = _times_precise(crypten.stack([ph, pd, c, q]), crypten.stack([x, x, one, one]))
     y = c - md
     scaled = None
@@ -233,7 +233,7 @@ def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
     return scaled * y
 
 
-def _times_guess(d, ks, steps, pd, x, times):
+def _times_guess(pd, c, q, one, x, times):
     """times * q * (c - pd x) with no Newton step (``rsqrt_iters = 0``): the bucket's linear
     guess is the result. q = 2^(-k/2) and the intercept c are one-hot weights like pd. The
     product times * q (q broadcast: re-shared at its own small size) runs beside the batched
@@ -241,9 +241,6 @@ def _times_guess(d, ks, steps, pd, x, times):
     truncations divide by the weights' 2^GUESS_BITS), then one product by the guess: two
     products after the comparison instead of four with a Newton step. Relative error: the
     guess's (0.035% with 8 buckets per octave, 0.14% with 4)."""
-    c = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[0], x, bits=GUESS_BITS)
-    q = weigh(d, ks, lambda kr: 2.0 ** (-kr[0] / 2), x, bits=GUESS_BITS)
-    one = x * 0 + 1
     tq, (md, c) = run_together(lambda: _times_precise(q, times),
                                lambda: _times_precise(crypten.stack([pd, c]),
                                                       crypten.stack([x, one])))

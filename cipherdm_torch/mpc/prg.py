@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = ["KeyStream", "install_streams", "stream", "has_streams", "local_ring", "local_bytes",
            "clear_streams", "allow_insecure_generators", "insecure_generators_allowed",
-           "fork_streams", "use_thread_streams"]
+           "fork_streams", "use_branch_streams"]
 
 _ZEROS = bytes(1 << 22)  # 4 MiB of plaintext zeros: keystream = AES-CTR(zeros)
 
@@ -120,7 +120,7 @@ def fork_streams(count: int) -> List[Dict[str, KeyStream]]:
     return out
 
 
-def use_thread_streams(streams: Optional[Dict[str, KeyStream]]) -> None:
+def use_branch_streams(streams: Optional[Dict[str, KeyStream]]) -> None:
     """Make ``streams`` (from :func:`fork_streams`) the pairwise streams of the current context
     (a lockstep branch); None: the process's own again."""
     _BRANCH_STREAMS.set(streams)

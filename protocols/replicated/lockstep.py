@@ -63,7 +63,7 @@ class _Group:
 
     def __init__(self, n: int, caller: greenlet):
         self.caller = caller
-        self.posted: List[Optional[Tuple[Sequence[Message], Sequence[Message]]]] = [None] * n
+        self.posted: List[Optional[Tuple[list, Sequence[Message]]]] = [None] * n
         self.done = [False] * n
         self.results: List[Any] = [None] * n
         self.error: Optional[BaseException] = None
@@ -79,7 +79,7 @@ def defer(sends: Sequence[Message], recvs: Sequence[Message]) -> bool:
     if branch is None:
         return False
     group, index = branch
-    group.posted[index] = (list(sends), list(recvs))
+    group.posted[index] = ([(t, dst, t._version) for t, dst in sends], list(recvs))
     group.caller.switch()
     return True
 
@@ -95,21 +95,27 @@ def resharing(share: torch.Tensor) -> Optional[torch.Tensor]:
     if branch is None:
         return None
     entry = branch[0].resharing.get(id(share))
-    return entry[1] if entry is not None and entry[0] is share else None
+    if entry is None or entry[0] is not share or entry[1] != share._version:
+        return None
+    return entry[2]
 
 
 def mark_resharing(share: torch.Tensor, buf: torch.Tensor) -> None:
-    """Announce that this branch re-shares ``share`` into ``buf`` in the coming round."""
+    """Announce that this branch re-shares ``share`` into ``buf`` in the coming round.
+
+    Matched like the replica cache (:func:`.arith.cached_next`): the very tensor object, not
+    modified in place since. Object identity alone is not the same on every party: CrypTen's
+    in-place public add keeps party 0's share object and gives the others a new one."""
     branch = _BRANCH.get()
     if branch is not None:
-        branch[0].resharing[id(share)] = (share, buf)
+        branch[0].resharing[id(share)] = (share, share._version, buf)
 
 
 def _branch_body(group: _Group, index: int, fn: Callable[[], Any], settings_stack: list,
                  streams: dict) -> None:
     _BRANCH.set((group, index))
     config.adopt_stack(settings_stack)
-    prg.use_thread_streams(streams)
+    prg.use_branch_streams(streams)
     try:
         group.results[index] = fn()
     except BaseException as exc:  # re-raised in the caller
@@ -152,7 +158,13 @@ def run_together(*fns: Callable[[], Any]) -> List[Any]:
         group.posted = [None] * len(fns)
         resharing, group.resharing = group.resharing, {}  # kept alive until the round is done
         if posted:
-            arith.exchange_now([m for s, _ in posted for m in s], [m for _, r in posted for m in r])
+            sends = [(t, dst) for s, _ in posted for t, dst, _ in s]
+            if any(t._version != v for s, _ in posted for t, _, v in s):
+                # a sibling branch wrote to a tensor posted for sending before the round went
+                # out: one after the other it would have left unchanged
+                raise RuntimeError("lockstep: a branch modified a tensor in place while it "
+                                   "waited to be sent; copy it before the in-place op")
+            arith.exchange_now(sends, [m for _, r in posted for m in r])
     if group.error is not None:
         raise group.error
     return group.results

@@ -19,6 +19,7 @@ import cipherdm_torch  # noqa: F401
 import crypten
 import crypten.communicator as comm
 
+from cipherdm_torch.protocols import config, functions as P
 from cipherdm_torch.protocols.replicated import arith as ra, backend as rss_backend, \
     compare as rss_compare
 from party_views import whole_view_recorder
@@ -53,6 +54,9 @@ def _view_body(kind, secrets):
                     out = ex.relu()
                 elif kind == "lt":
                     out = rss_compare.lt(ex, 0.5)
+                elif kind == "silu":  # comparison and polynomial side by side (lockstep)
+                    with config.use("optimised"):
+                        out = P.silu(ex)
                 else:
                     raise ValueError(kind)
                 nxt = ra.cached_next(out.share)  # the replica, if the output has one
@@ -123,6 +127,23 @@ def test_views_independent_of_secret(parties):
                 for col in range(usable):
                     counts = np.bincount(cols[:, col], minlength=256)
                     assert chisquare(counts)[1] > P_MIN, (kind, rank, t.dtype, col)
+
+
+def test_side_by_side_silu_view_independent_of_secret(parties):
+    """SiLU runs its comparison and its polynomial side by side (lockstep: merged rounds, forked
+    pairwise streams): every party's whole view is independent of the secret. (Not every
+    message is uniform here: the polynomial's first truncation takes x times a public multiple
+    of 2^20, whose shares have zero low bits, and the shares of it a party receives are ones it
+    already holds as replicas.)"""
+    g = torch.Generator().manual_seed(6)
+    n = 8192
+    fixed = torch.full((n,), 3.25)
+    varied = (torch.rand(n, generator=g) - 0.5) * 200
+    views = parties.run(_view_body, "silu", [fixed, varied], timeout=300)
+    for rank, (vf, vv) in enumerate(views):
+        assert len(vf) == len(vv) and len(vf) >= 2
+        p, m = _indistinguishable(vf, vv)
+        assert p > P_MIN, ("silu", rank, p, m)
 
 
 def _chain_attack_body(mode, x):
