@@ -9,7 +9,9 @@ processes and prints, for party 0, bytes sent / received, rounds and seconds per
 the totals, and optimised/baseline ratios. Error vs the plaintext forward is printed too.
 ``calibrated`` is ``optimised`` with the knobs of
 :func:`cipherdm_torch.protocols.recorded_ranges.calibrated_settings` (no exp clip comparison,
-rsqrt magnitude comparisons over the recorded GroupNorm variance range only).
+rsqrt magnitude comparisons over the recorded GroupNorm variance range only). A ``@DEVICE``
+suffix (``optimised+rss@cuda``) runs the ring products on that device (``product_device``;
+``cuda``: party k on GPU k mod GPUs), the shares staying in host memory.
 
 Profile (issue 15): every table has the seconds blocked in the communicator ("wait s", from the
 cost meter) next to the wall seconds per op kind; the profile table splits them into waiting
@@ -91,17 +93,29 @@ def _kernel_split(prof):
     return kernel, wait, other, top
 
 
+def _variant(variant, rank):
+    """``protocols[+backend][@device]`` -> (protocols, backend, protocol settings)."""
+    from cipherdm_torch.protocols import recorded_ranges
+
+    name, _, device = variant.partition("@")
+    protocols, _, backend = name.partition("+")
+    knobs = {}
+    if protocols == "calibrated":
+        protocols, knobs = "optimised", recorded_ranges.calibrated_settings()
+    if device:
+        knobs["product_device"] = (f"cuda:{rank % torch.cuda.device_count()}"
+                                   if device == "cuda" else device)
+    return protocols, backend, knobs
+
+
 def _batch_sweep(enc, info, batches, variant):
     """One forward per batch size in ``batches`` on ``variant`` (export and weight sharing of a
     new batch size done before the meter starts): {batch: cost totals}."""
     from cipherdm_torch.compiler import graph as graph_mod
-    from cipherdm_torch.protocols import config, recorded_ranges
+    from cipherdm_torch.protocols import config
     from cipherdm_torch.protocols.replicated import backend as rss_backend
 
-    protocols, _, backend = variant.partition("+")
-    knobs = {}
-    if protocols == "calibrated":
-        protocols, knobs = "optimised", recorded_ranges.calibrated_settings()
+    protocols, backend, knobs = _variant(variant, info.rank)
     out = {}
     for b in batches:
         x, t, y = _inputs(b)
@@ -119,7 +133,7 @@ def _batch_sweep(enc, info, batches, variant):
 def _party(batch, variants, cprofile=False, cse=True, batches=()):
     from cipherdm_torch import encrypt
     from cipherdm_torch.compiler import graph as graph_mod
-    from cipherdm_torch.protocols import config, recorded_ranges
+    from cipherdm_torch.protocols import config
 
     info = cipherdm_torch.party()
     x, t, y = _inputs(batch)
@@ -129,10 +143,7 @@ def _party(batch, variants, cprofile=False, cse=True, batches=()):
     encrypt_s = time.perf_counter() - t0
     out = {"encrypt_s": encrypt_s, "runs": {}}
     for i, variant in enumerate(variants):
-        protocols, _, backend = variant.partition("+")
-        knobs = {}
-        if protocols == "calibrated":
-            protocols, knobs = "optimised", recorded_ranges.calibrated_settings()
+        protocols, backend, knobs = _variant(variant, info.rank)
         ctx = contextlib.nullcontext()
         if backend == "rss":  # this project's dealer-free replicated backend
             from cipherdm_torch.protocols.replicated import backend as rss_backend

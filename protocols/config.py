@@ -109,6 +109,11 @@ class Settings:
     # truncation, 1 round, 8 B per party, wrong by ~2^64/y with probability ~|x|/2^64;
     # for benchmarks only)
     truncation: str = "exact"
+    # where the rss backend's local ring products (matmul, convolutions: float64 limbs) run:
+    # None (with the shares, in host memory) or a torch device string ("cuda", "cuda:1"). The
+    # shares, the channel and the PRG streams stay on the host; results are bit for bit the
+    # same (protocols/replicated/ring.py)
+    product_device: Optional[str] = None
     # MPC backend selected by the innermost use(backend=...): a key of BACKENDS, or None (not
     # chosen here: crypten.cfg.mpc.protocol as it is)
     backend: Optional[str] = None
@@ -172,6 +177,8 @@ def use(variant: Optional[str] = None, *, backend: Optional[str] = None,
             _check_variant(key, value)
         if key == "truncation" and value not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {value!r}")
+        if key == "product_device" and value is not None:
+            value = _check_device(value)
         changes[key] = value
     with ExitStack() as stack:
         if backend is not None:
@@ -182,6 +189,26 @@ def use(variant: Optional[str] = None, *, backend: Optional[str] = None,
             yield current()
         finally:
             stack.pop()
+
+
+def _check_device(spec: Any) -> str:
+    """A usable torch device string for ``product_device`` (CUDA must be present)."""
+    torch = importlib.import_module("torch")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"product_device must be a torch device such as 'cpu' or 'cuda', "
+                         f"got {spec!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"product_device {spec!r}: CUDA is not available on this machine "
+                             f"(torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"product_device {spec!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"product_device must be a CPU or CUDA device, got {spec!r}")
+    return str(device)
 
 
 def _check_variant(name: str, value: str) -> None:

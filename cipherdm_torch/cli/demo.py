@@ -20,7 +20,8 @@ from cipherdm_torch.errors import check_out_dir, positive_int
 from cipherdm_torch.mpc.cost import CostMeter
 from cipherdm_torch.mpc.crypten_compat import crypten
 from cipherdm_torch.mpc.runtime import Roles, launch, party
-from cipherdm_torch.pipelines.job import SampleSpec, embedded_model_dir, run_job, summary
+from cipherdm_torch.pipelines.job import (DEVICES, SampleSpec, check_device, embedded_model_dir,
+                                          run_job, summary)
 from cipherdm_torch.training.ledger import LEDGER_FILE, PrivacyLedger
 
 HELP = "end-to-end demo: three parties securely sample digits from the embedded DP model"
@@ -97,6 +98,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=8, help="Euler sampling steps")
     parser.add_argument("--out", default="cipherdm-demo", help="output folder")
     parser.add_argument("--backend", choices=("rss", "crypten"), default="rss")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where the ring products run: cpu, cuda or auto (see sample)")
     add_timeout_arg(parser)
 
 
@@ -105,11 +108,12 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     if args.basic:
         return basic_demo(args.seed)
     check_out_dir(args.out)
+    check_device(args.device)
     model = embedded_model_dir()
     print(ledger_summary(model))
     print(f"\nthree local parties (P0 owner, P1 user, P2 helper) securely sample one digit per "
           f"class, Euler {args.steps} steps, optimised protocols on the {args.backend} backend...")
     spec = SampleSpec(model=model, sampler="euler", steps=args.steps, labels=list(range(10)),
-                      seed=args.seed, backend=args.backend)
+                      seed=args.seed, backend=args.backend, device=args.device)
     print(summary(run_job(spec, args.out, check=True)))
     return 0

@@ -22,7 +22,7 @@ from typing import List, Optional
 from cipherdm_torch.errors import UserError, check_out_dir, finite_float, positive_float, positive_int
 from cipherdm_torch.mpc import netsim
 from cipherdm_torch.training.trainer import resolve_checkpoint
-from cipherdm_torch.pipelines.job import (SAMPLERS, SampleSpec, check_weights, embedded_model_dir,
+from cipherdm_torch.pipelines.job import (DEVICES, SAMPLERS, SampleSpec, check_device, check_weights, embedded_model_dir,
                                           load_model, plaintext_twin, run_job, summary,
                                           write_samples)
 
@@ -48,6 +48,10 @@ def configure(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backend", choices=("rss", "crypten"), default="rss",
                     help="rss: dealer-free replicated 3PC; crypten: CrypTen's own protocols")
     ap.add_argument("--link", default="loopback", help="loopback, lan, wan or <Mbit/s>:<ms>")
+    ap.add_argument("--device", choices=DEVICES, default="cpu",
+                    help="where each party's ring products (matmul, convolutions) run: cpu, "
+                         "cuda (party k on GPU k mod GPUs) or auto (cuda when available); "
+                         "shares, links and the PRG streams stay in host memory")
     ap.add_argument("--out", default="cipherdm-out")
     ap.add_argument("--check", action="store_true",
                     help="the model owner's debugging tool: also give the owner's party the "
@@ -124,7 +128,7 @@ def spec_from_args(args: argparse.Namespace) -> SampleSpec:
                       seed=args.seed if args.seed is not None
                       else int.from_bytes(os.urandom(8), "little") >> 1,
                       guidance=args.guidance, protocols=args.protocols, backend=args.backend,
-                      link=args.link, ema=not args.no_ema)
+                      link=args.link, ema=not args.no_ema, device=check_device(args.device))
 
 
 def run(args: argparse.Namespace, argv: List[str]) -> int:
@@ -135,7 +139,8 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         return 0
     apply_timeout(args.timeout)
     print(f"three local parties sample {len(spec.labels)} image(s) with {spec.sampler}, "
-          f"{spec.steps} steps, {spec.protocols} protocols on the {spec.backend} backend")
+          f"{spec.steps} steps, {spec.protocols} protocols on the {spec.backend} backend"
+          + ("" if spec.device == "cpu" else f", ring products on {spec.device}"))
     report = run_job(spec, args.out, check=args.check)
     print(summary(report))
     return 0

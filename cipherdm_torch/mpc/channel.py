@@ -186,12 +186,21 @@ def _label_str(raw: bytes) -> str:
     return raw.rstrip(b"\0").decode("utf-8", "replace")
 
 
+def staged(t: torch.Tensor) -> bool:
+    """True when ``t`` lives on a device (a GPU): the channel moves it through host memory.
+
+    Sockets read and write host memory only, so a device tensor is copied to the host before
+    it is sent and a receive into one lands in a host buffer copied over on ``wait()``. The
+    frame on the wire is the same either way (tested by forcing this on CPU tensors)."""
+    return t.device.type != "cpu"
+
+
 def _as_bytes_view(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory."""
     if not t.is_contiguous():
         raise ValueError("the channel sends and receives contiguous tensors only")
     if t.device.type != "cpu":
-        raise ValueError("the channel moves CPU tensors; copy device tensors first")
+        raise ValueError("the channel moves CPU tensors; stage device tensors first")
     if t.numel() == 0:
         return memoryview(bytearray(0))
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
@@ -241,10 +250,15 @@ class _SendWork(Work):
 
 
 class _RecvWork(Work):
+    target: Optional[torch.Tensor] = None  # the device tensor a staged receive lands in
+
     def wait(self, timeout=None):
         self.link.complete(self)
         if self.error is not None:
             raise self.error
+        if self.target is not None:
+            self.target.copy_(self.tensor)
+            self.target = None
         return True
 
 
@@ -295,6 +309,8 @@ class Link:
         post order."""
         label = current_label() if label is None else label
         tensor = tensor.contiguous()
+        if staged(tensor):
+            tensor = tensor.to("cpu", copy=True)
         work = _SendWork(self, tensor, label)
         header = HEADER.pack(MAGIC, self.sent_msgs, tensor.numel() * tensor.element_size(),
                              _label_bytes(label))
@@ -444,7 +460,11 @@ class Link:
     def post_recv(self, tensor: torch.Tensor, label: Optional[str] = None) -> _RecvWork:
         if not tensor.is_contiguous():
             raise ValueError("receive buffers must be contiguous")
+        target = None
+        if staged(tensor):
+            target, tensor = tensor, torch.empty(tensor.shape, dtype=tensor.dtype)
         work = _RecvWork(self, tensor, current_label() if label is None else label)
+        work.target = target
         self._pending.append(work)
         return work
 

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -38,7 +38,7 @@ from cipherdm_torch.pipelines.secure import (SecureDDIMPipeline, SecureDDPMPipel
                                              plaintext_scheduler_sample)
 from cipherdm_torch.protocols import config as pconfig
 
-__all__ = ["SampleSpec", "EMBEDDED_MODEL", "SAMPLERS", "embedded_model_dir", "load_model",
+__all__ = ["SampleSpec", "EMBEDDED_MODEL", "SAMPLERS", "DEVICES", "check_device", "party_device", "embedded_model_dir", "load_model",
            "check_weights", "run_job", "summary", "plaintext_twin", "write_samples"]
 
 EMBEDDED_MODEL = "dpdm-mnist"
@@ -63,6 +63,29 @@ class SampleSpec:
     backend: str = "rss"
     link: str = "loopback"
     ema: bool = True
+    device: str = "cpu"  # where the ring products run: cpu, cuda or auto (see party_device)
+
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def check_device(spec: str) -> str:
+    """``--device`` before the parties start: cpu, cuda (CUDA must be present) or auto."""
+    if spec not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {spec!r}")
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but CUDA is not available on this machine "
+                        "(torch.cuda.is_available() is False): use --device cpu or auto")
+    return spec
+
+
+def party_device(spec: str, rank: int) -> Optional[str]:
+    """The ``product_device`` of party ``rank``: None on the CPU; with CUDA, party k uses GPU
+    k mod (GPUs here), so three local parties spread over the GPUs of one machine."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return None
+    check_device("cuda")
+    return f"cuda:{rank % torch.cuda.device_count()}"
 
 
 def load_model(folder: str, with_weights: bool, ema: bool = True) -> Tuple[torch.nn.Module, str]:
@@ -176,7 +199,8 @@ def _party(spec: SampleSpec, n_images: int, seed=None, labels=None, check: bool 
     n = n_images
     user = dict(seed=seed if p.is_user else None, class_labels=labels if p.is_user else None)
     t0 = time.perf_counter()
-    with pconfig.use(spec.protocols, backend=spec.backend):
+    with pconfig.use(spec.protocols, backend=spec.backend,
+                     product_device=party_device(spec.device, p.rank)):
         if kind == "dpdm":
             guided = model.num_classes > 0 and spec.guidance != 1.0
             rows = 2 * n if guided else n

@@ -199,7 +199,8 @@ def exchange_now(sends: Sequence[Tuple[torch.Tensor, int]],
     c = comm.get()
     reqs = [c.isend(t.contiguous(), dst) for t, dst in sends]
     # gloo receives only into contiguous memory (empty_like keeps a view's strides)
-    landing = [buf if buf.is_contiguous() else torch.empty(buf.shape, dtype=buf.dtype)
+    landing = [buf if buf.is_contiguous() else torch.empty(buf.shape, dtype=buf.dtype,
+                                                           device=buf.device)
                for buf, _ in recvs]
     reqs += [c.irecv(land, src=src) for land, (_, src) in zip(landing, recvs)]
     for r in reqs[::-1]:  # receives first: the sender threads write meanwhile

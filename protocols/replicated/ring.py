@@ -12,6 +12,14 @@ torch's int64 result on the CPU (tested), 1.1-2.9x faster there on the bench mod
 shapes, and the only way the same code runs on a GPU.
 
 Elementwise ``mul`` needs none of this (int64 multiplication wraps on every device).
+
+Where the products run (issue 17): ``protocols.config`` field ``product_device`` (``None``:
+where the operands are; ``"cuda"``, ``"cuda:1"``: on that GPU). The shares stay in host
+memory, with the channel, the PRG streams and the replica cache exactly as on the CPU (so
+nothing that decides whether a party sends can differ); only the operands of each product
+travel to the device, as int64, and the int64 result comes back. Float64 sums of integers
+below 2^53 are exact on any IEEE device (no TF32 for float64), so the result is the same bit
+for bit on the GPU as on the CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["ring_product", "LIMB_BITS", "MAX_TERMS"]
+__all__ = ["ring_product", "product_device", "LIMB_BITS", "MAX_TERMS"]
 
 LIMB_BITS = 16
 _LIMBS = 64 // LIMB_BITS
@@ -33,11 +41,14 @@ def _limbs(x: torch.Tensor) -> list:
 
 
 # A layout maps (x, y, options) to (the right factor's dimension that indexes outputs, the
-# result's dimension it extends, terms per output), or None when the limbs cannot take the case
-Layout = Callable[[torch.Tensor, torch.Tensor, dict], Optional[Tuple[int, int, int]]]
+# result's dimension it extends or None when the right limbs cannot be concatenated (grouped
+# convolutions: one product per limb pair), an upper bound on the terms per output), or None
+# when the limbs cannot take the case
+Layout = Callable[[torch.Tensor, torch.Tensor, dict],
+                  Optional[Tuple[int, Optional[int], int]]]
 
 
-def _matmul_layout(x, y, kw) -> Optional[Tuple[int, int, int]]:
+def _matmul_layout(x, y, kw) -> Optional[Tuple[int, Optional[int], int]]:
     if x.dim() < 1 or y.dim() < 2:
         return None
     return -1, -1, x.shape[-1]
@@ -45,11 +56,11 @@ def _matmul_layout(x, y, kw) -> Optional[Tuple[int, int, int]]:
 
 def _conv_layout(out_dim: int) -> Layout:
     """Convolutions whose weight holds the output channels in ``out_dim`` (0; 1 when
-    transposed): every output sums over the weight's other channels times its kernel."""
+    transposed): every output sums over at most the weight's other channels times its
+    kernel (fewer when grouped)."""
     def layout(x, w, kw):
-        if kw.get("groups", 1) != 1:
-            return None
-        return out_dim, 1, w.numel() // w.shape[out_dim]
+        grouped = kw.get("groups", 1) != 1
+        return out_dim, (None if grouped else 1), w.numel() // w.shape[out_dim]
     return layout
 
 
@@ -61,13 +72,24 @@ _LAYOUT: Dict[Callable, Layout] = {
 }
 
 
-def ring_product(op: Callable, x: torch.Tensor, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def product_device() -> Optional[torch.device]:
+    """The device the protocol settings choose for ring products (None: the operands')."""
+    from cipherdm_torch.protocols import config
+
+    spec = config.current().product_device
+    return None if spec is None else torch.device(spec)
+
+
+def ring_product(op: Callable, x: torch.Tensor, y: torch.Tensor, *args,
+                 device: Optional[torch.device] = None, **kwargs) -> torch.Tensor:
     """``op(x, y, ...)`` mod 2^64 for int64 ``x`` and ``y`` (``op``: a torch bilinear function).
 
-    matmul and (transposed) convolutions with ``groups=1`` go through float64 limbs; every
-    other case (elementwise products, grouped convolutions, a bias, positional options, more
-    than :data:`MAX_TERMS` terms per output on the CPU) runs torch's int64 kernel. On CUDA a
-    case the limbs cannot take is an error, since torch would refuse the int64 kernel anyway.
+    matmul and (transposed, grouped) convolutions go through float64 limbs; every other case
+    (elementwise products, a bias, positional options, more than :data:`MAX_TERMS` terms per
+    output) runs torch's int64 kernel where the operands are. ``device`` (default:
+    :func:`product_device`, else the operands' device) is where the limb products run; the
+    result is returned on the operands' device. On CUDA operands a case the limbs cannot
+    take is an error, since torch would refuse the int64 kernel anyway.
     """
     layout = _LAYOUT.get(op)
     info = None
@@ -77,17 +99,24 @@ def ring_product(op: Callable, x: torch.Tensor, y: torch.Tensor, *args, **kwargs
     if info is None or info[2] > MAX_TERMS:
         if x.is_cuda and layout is not None:
             raise NotImplementedError(
-                f"{getattr(op, '__name__', op)} of int64 shares on CUDA needs groups=1, keyword "
-                f"options and at most {MAX_TERMS} terms per output; got {kwargs}")
+                f"{getattr(op, '__name__', op)} of int64 shares on CUDA needs keyword options, "
+                f"no bias and at most {MAX_TERMS} terms per output; got {kwargs}")
         return op(x, y, *args, **kwargs)
+    home = x.device
+    target = device if device is not None else product_device()
+    if target is not None and torch.device(target) != home:
+        x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
     weight_dim, result_dim, _ = info
     xs, ys = _limbs(x), _limbs(y)
     out = None
     for i in range(_LIMBS):
         width = _LIMBS - i  # right limbs j = 0 .. 3 - i reach the low 64 bits
-        right = torch.cat(ys[:width], dim=weight_dim) if width > 1 else ys[0]
-        pieces = op(xs[i], right, **kwargs).chunk(width, dim=result_dim)
+        if result_dim is None:
+            pieces = [op(xs[i], ys[j], **kwargs) for j in range(width)]
+        else:
+            right = torch.cat(ys[:width], dim=weight_dim) if width > 1 else ys[0]
+            pieces = op(xs[i], right, **kwargs).chunk(width, dim=result_dim)
         for j, piece in enumerate(pieces):
             term = piece.to(torch.long) << (LIMB_BITS * (i + j))
             out = term if out is None else out + term
-    return out
+    return out if out.device == home else out.to(home)

@@ -483,3 +483,38 @@ def test_a_ring_of_large_sends_waited_before_the_receives_completes(tmp_path):
         assert time.monotonic() - t0 < 15
     finally:
         _close(meshes)
+
+
+def test_staged_device_tensors_put_the_same_frames_on_the_wire(tmp_path, monkeypatch):
+    # GPU shares cross through host memory (channel.staged); forced here on CPU tensors, the
+    # wire carries exactly the unstaged frames and a receive lands only on wait()
+    from cipherdm_torch.mpc import channel
+
+    meshes, proxy = _meshes(tmp_path / "keys", lambda a: Proxy(a), hang_timeout=3600)
+    try:
+        msgs = [torch.arange(40_000, dtype=torch.long) * 3, torch.tensor([7], dtype=torch.long)]
+        before = len(proxy.up)
+        for m in msgs:
+            meshes[1].isend(m, 0)
+        plain = [meshes[0].recv(torch.empty_like(m), 1) for m in msgs]
+        unstaged = len(proxy.up) - before
+        monkeypatch.setattr(channel, "staged", lambda t: True)
+        before = len(proxy.up)
+        sends = [meshes[1].isend(m, 0) for m in msgs]
+        targets = [torch.full_like(m, -1) for m in msgs]
+        works = [meshes[0].irecv(t, 1) for t in targets]
+        for w in works + sends:
+            w.wait()
+        assert len(proxy.up) - before == unstaged == sum(wire_bytes(m.numel() * 8) for m in msgs)
+        for m, t, p in zip(msgs, targets, plain):
+            assert torch.equal(t, m) and torch.equal(p, m)
+        # a staged receive fills its target on wait(), not before
+        late = torch.full((5,), -1, dtype=torch.long)
+        work = meshes[0].irecv(late, 1)
+        meshes[1].isend(torch.arange(5), 0).wait()
+        work.link.complete(work)  # data read into the host buffer ...
+        assert torch.equal(late, torch.full((5,), -1))  # ... not yet in the target
+        work.wait()
+        assert torch.equal(late, torch.arange(5))
+    finally:
+        _close(meshes)

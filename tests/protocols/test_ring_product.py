@@ -22,7 +22,8 @@ CASES = [
     (F.conv_transpose2d, (2, 4, 5, 5), (4, 3, 3, 3), {"stride": 2, "padding": 1,
                                                        "output_padding": 1}),
     (F.conv_transpose1d, (1, 3, 7), (3, 2, 4), {"stride": 2}),
-    (F.conv2d, (1, 4, 6, 6), (4, 2, 3, 3), {"groups": 2}),  # grouped: int64 fallback
+    (F.conv2d, (1, 4, 6, 6), (4, 2, 3, 3), {"groups": 2}),  # grouped: one call per limb pair
+    (F.conv_transpose2d, (1, 6, 4, 4), (6, 2, 3, 3), {"groups": 3, "stride": 2}),
     (torch.mul, (4, 5), (4, 5), {}),  # elementwise: int64
 ]
 
@@ -43,3 +44,32 @@ def test_extreme_values_and_the_exactness_bound():
     assert MAX_TERMS == 2 ** 21
     big = torch.ones(1, MAX_TERMS + 1, dtype=torch.long)  # past the bound: int64 kernel
     assert int(ring_product(torch.matmul, big, big.t())) == MAX_TERMS + 1
+
+
+@pytest.mark.parametrize("op,xs,ys,kw", CASES)
+def test_ring_product_elsewhere_is_bit_exact_and_comes_home(op, xs, ys, kw):
+    # "cpu:0" is a different torch.device than "cpu": the operands travel and the result
+    # comes back through the same code as with "cuda" (bit-exactness on a GPU: bench/check_cuda.py)
+    from cipherdm_torch.protocols import config
+
+    g = torch.Generator().manual_seed(len(xs) * 17 + len(ys))
+    x, y = _ring(xs, g), _ring(ys, g)
+    with config.use(product_device="cpu:0"):
+        got = ring_product(op, x, y, **kw)
+    assert got.device == x.device and torch.equal(got, op(x, y, **kw))
+    assert torch.equal(ring_product(op, x, y, device=torch.device("cpu:0"), **kw), got)
+
+
+def test_product_device_setting_refuses_what_cannot_run():
+    from cipherdm_torch.protocols import config
+
+    for bad in ("tpu", "bogus", 3.5):
+        with pytest.raises(ValueError, match="product_device"):
+            with config.use(product_device=bad):
+                pass
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            with config.use(product_device="cuda"):
+                pass
+    with config.use(product_device="cpu") as s:
+        assert s.product_device == "cpu"
