@@ -78,6 +78,12 @@ CASES = [
     ("sample --timeout 0", "--timeout"),
     ("demo --out {w}/a-file", "is a file"),
     ("demo --steps -1", "--steps"),
+    ("sample --device tpu", "--device"),
+    ("demo --device tpu", "--device"),
+] + ([] if torch.cuda.is_available() else [
+    ("sample --device cuda", "CUDA is not available"),
+    ("demo --device cuda", "CUDA is not available"),
+]) + [
     # account
     ("account --epsilon 0 --q 0.01 --steps 10", "--epsilon"),
     ("account --epsilon -1 --q 0.01 --steps 10", "--epsilon"),
