@@ -104,8 +104,9 @@ class Settings:
     # or CrypTen's max
     softmax_max_method: str = "tree3"
     # rss backend fixed-point truncation: "exact" (P2-assisted, error <= 1 unit for |x| < 2^62,
-    # 2 rounds, 16 B per element from two parties and 32 B from the helper, which rotates per
-    # call: 21.3 B per party on average) or "probabilistic" (ABY3's two-share
+    # 2 rounds, 16 B per element from two parties and 20 B from the helper for a divisor 2^16
+    # (32 B for other divisors), the helper rotating per call: 17.3 B per party on average) or
+    # "probabilistic" (ABY3's two-share
     # truncation, 1 round, 8 B per party, wrong by ~2^64/y with probability ~|x|/2^64;
     # for benchmarks only)
     truncation: str = "exact"

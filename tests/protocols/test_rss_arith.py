@@ -42,7 +42,8 @@ def _ops_body(x, y, w, img, k, kt, big_x, big_y):
         out["div_neg"] = _plain(ex / -2)
         out["div_neg3"] = _plain(ex.div(-3))
         out["div_mixed"] = _plain(ex.div(torch.tensor([2, -3, 5, -7] * 12)))
-        # cost: fresh operands re-share both (16 B) + truncation (16 B for P0 / P1, 32 B for P2)
+        # cost: fresh operands re-share both (16 B) + truncation by 2^16 (16 B for P0 / P1, 20 B
+        # for the helper: its share of the product and two 16-bit corrections)
         a = crypten.cryptensor(torch.ones(1000))
         with CostMeter() as fresh:
             p = a * a.clone()
@@ -98,12 +99,13 @@ def test_products_match_plaintext_and_cost(parties):
     torch.testing.assert_close(r["q"], torch.ones(3), atol=1e-4, rtol=0)
     assert r["protocol_after"] != "rss"  # the context manager restores CrypTen's protocol
     # exact truncation: two parties send 2 elements and receive in 2 rounds, the helper
-    # (rotating from call to call) sends 4 and receives nothing
+    # (rotating from call to call) sends 1 element and two 16-bit values (power-of-two divisor)
+    # and receives nothing
     for key, reshares, n in (("cost_fresh", 16, 1000), ("cost_warm", 0, 1000),
                              ("cost_mm", 16, 64 * 64)):
         sent = sorted(res[key]["bytes_sent"] / n - reshares for res in results)
         rounds = sorted(res[key]["rounds"] for res in results)
-        assert sent == [16, 16, 32], (key, sent)
+        assert sent == [16, 16, 20], (key, sent)
         assert rounds == ([0, 2, 2] if reshares == 0 else [1, 3, 3]), (key, rounds)
 
 
@@ -200,3 +202,16 @@ def _bad_divisor_body():
 def test_truncation_by_zero_is_refused(parties):
     for msg in parties.run(_bad_divisor_body, timeout=60):
         assert msg and "zero" in msg
+
+
+@pytest.mark.parametrize("d", [1, 8, 13, 20, 40, 61])
+def test_power_of_two_truncation_every_width(parties, d):
+    """The power-of-two path sends its corrections in d-bit words (uint8 / int16 / int32 /
+    int64): floor or floor + 1 at every width, up to |x| = 2^61, both ends of the range."""
+    g = torch.Generator().manual_seed(d)
+    values = torch.cat([_signed_values(20_000, 0, 40, g), _signed_values(20_000, 40, 61, g)])
+    values[:3] = torch.tensor([2 ** 62 - 2 ** d - 1, -(2 ** 62), -1])
+    results = parties.run(_trunc_body, values, 2 ** d, "exact", timeout=120)
+    assert all(r[1] and r[2] for r in results)
+    err = results[0][0] - (values >> d)
+    assert set(err.unique().tolist()) <= {0, 1}, (d, err.abs().max())
