@@ -95,6 +95,7 @@ and ``truncate`` with the signatures CrypTen's ``ArithmeticSharedTensor`` calls.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -456,19 +457,30 @@ def _small_dtype(bits: int) -> torch.dtype:
     return torch.long
 
 
+def _local_low_bits(size, d: int, small: torch.dtype, dev) -> torch.Tensor:
+    """Uniform values in [0, 2^d) from this party's OS CSPRNG (no other party knows them)."""
+    n = math.prod(size)
+    raw = prg.local_bytes(n * small.itemsize).view(small).to(torch.long).reshape(size)
+    raw = raw & ((1 << d) - 1)
+    return raw if dev is None or torch.device(dev).type == "cpu" else raw.to(dev)
+
+
 def _truncate_exact_pow2(z: torch.Tensor, d: int, helper: int) -> Tuple[torch.Tensor,
                                                                         torch.Tensor]:
     """:func:`_truncate_exact` for ``y = 2^d`` (1 <= d <= 62) with the helper's shares of
     ``Q = floor(r / y)`` replaced by two d-bit values.
 
-    B's mask ``r_b`` has its low d bits cleared (both B and h clear them; ``r = r_a + r_b`` is
-    still uniform through ``r_a``), so ``floor(r / y) = (r_a >> d) + (r_b >> d) - W 2^(64-d)``
-    exactly, ``W`` the wrap of ``r_a + r_b`` past 2^64 (unsigned): A and B each shift their
-    own mask, and only ``W`` and ``M = msb(r)`` come from h. Both enter multiplied by
-    ``K = 2^(64-d)``, so only their values mod 2^d matter: h sends ``W - w0`` and ``M - m0``
-    mod 2^d (``w0, m0`` from the A-h stream), 2 bytes each for d <= 16, instead of two ring
-    elements. Same result, same error (floor or floor + 1, unbiased), same rounds; the
-    helper sends 8 + 12 = 20 B per element instead of 32 (d = 16).
+    The mask is ``r = r_a + r_b + r_h`` with the low d bits of ``r_a`` (A-h stream) and ``r_b``
+    (B-h stream) cleared and ``r_h < 2^d`` the helper's own (OS CSPRNG): the low bits of ``x``
+    are hidden from A and from B by ``r_h``, the high bits by the other party's mask, and
+    ``r`` is uniform. No carry crosses bit d, so ``floor(r / y) = (r_a >> d) + (r_b >> d) -
+    W 2^(64-d)`` exactly, ``W`` the wrap of ``r_a + r_b`` past 2^64 (unsigned): A and B each
+    shift their own mask, and only ``W`` and ``M = msb(r)`` come from h. Both enter
+    multiplied by ``K = 2^(64-d)``, so only their values mod 2^d matter: h sends ``W - w0`` and
+    ``M - m0`` mod 2^d (``w0, m0`` from the A-h stream), 2 bytes each for d <= 16, instead of
+    two ring elements. h sends ``z_h + r_b + r_h`` to A and ``z_h + r_h`` to B. Same result,
+    same error (floor or floor + 1, unbiased), same rounds; the helper sends 8 + 12 = 20 B per
+    element instead of 32 (d = 16).
     """
     rank, _ = _rank_ws()
     a, b = (helper + 1) % 3, (helper + 2) % 3
@@ -479,7 +491,7 @@ def _truncate_exact_pow2(z: torch.Tensor, d: int, helper: int) -> Tuple[torch.Te
     low = (1 << d) - 1
     high = ~low  # clears the low d bits of r_b
     if rank == a:
-        r_a = rand_ring(size, "prev", dev)
+        r_a = rand_ring(size, "prev", dev) & high
         w0 = rand_ring(size, "prev", dev)
         m0 = rand_ring(size, "prev", dev)
         z1, masked2 = torch.empty_like(z), torch.empty_like(z)
@@ -501,24 +513,26 @@ def _truncate_exact_pow2(z: torch.Tensor, d: int, helper: int) -> Tuple[torch.Te
         n8 = z.numel() * 8
         z2 = from_h[:n8].view(torch.long).view(size)
         dw, dm = from_h[n8:].view(small).view((2,) + tuple(size)).to(torch.long).unbind(0)
-        c = masked0 + z + z2 + r_b
+        c = masked0 + z + z2 + r_b  # z2 arrives as z_h + r_h
         keep = (c >= 0).to(torch.long)
         o1 = ((dw + keep * dm) << shift) - udiv(r_b, y)
         t2 = rand_ring(size, "next", dev)
         mine, other = o1 - t2, torch.empty_like(z)
         exchange([(mine, a)], [(other, a)])
         return other + mine, t2
-    r_a = rand_ring(size, "next", dev)
+    r_a = rand_ring(size, "next", dev) & high
     w0 = rand_ring(size, "next", dev)
     m0 = rand_ring(size, "next", dev)
     r_b = rand_ring(size, "prev", dev) & high
+    r_h = _local_low_bits(size, d, small, dev)
     r = r_a + r_b
     wrap = ((r ^ _MIN) < (r_a ^ _MIN)).to(torch.long)  # unsigned r_a + r_b >= 2^64
-    big_m = (r < 0).to(torch.long)
+    big_m = (r < 0).to(torch.long)  # r_h < 2^d leaves the top bit as it is
     corr = torch.stack([wrap - w0, big_m - m0]) & low
-    payload = torch.cat([z.reshape(-1).view(torch.uint8), corr.to(small).reshape(-1)
+    zh = z + r_h
+    payload = torch.cat([zh.reshape(-1).view(torch.uint8), corr.to(small).reshape(-1)
                          .view(torch.uint8)])
-    exchange([(z + r_b, a), (payload, b)], [])
+    exchange([(zh + r_b, a), (payload, b)], [])
     exchange([], [])  # the helper's empty round 2 (keeps every party's rounds aligned)
     t0 = rand_ring(size, "next", dev)
     t2 = rand_ring(size, "prev", dev)

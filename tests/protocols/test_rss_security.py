@@ -185,3 +185,63 @@ def test_chained_multiplication_leak_baseline_not_rss(parties):
     assert base[1][0] == 1.0
     # this backend: the same attack recovers nothing
     assert ours[1][0] < 0.01
+
+
+def _truncation_attack_body(values, d):
+    """Each non-helper party of one truncation by 2^d, as an attacker: rebuild the opened
+    value c = x + 2^62 + r from its whole view (sent and received payloads) and subtract its
+    own mask (its first draw from the helper's stream), then compare the low d bits with x."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+    rank = comm.get().get_rank()
+    helper = (2 + ra.helper_rotation.calls) % 3
+    a, b = (helper + 1) % 3, (helper + 2) % 3
+    z = ArithmeticSharedTensor.PRZS(values.size()).share
+    if rank == 0:
+        z = z + values
+    draws, original = [], ra.rand_ring
+
+    def recording(size, which, device=None):
+        out = original(size, which, device)
+        draws.append((which, out))
+        return out
+    ra.rand_ring = recording
+    mesh = cipherdm_torch.mpc.secure_comm.mesh()
+    mesh.recorder = []
+    try:
+        ra.truncate_shares(z.contiguous(), 2 ** d)
+    finally:
+        ra.rand_ring = original
+        view, mesh.recorder = mesh.recorder, None
+    if rank == helper:
+        return None
+    n = values.numel()
+    sent = [t for kind, peer, _, t in view if kind == "sent"]
+    got = {peer: t for kind, peer, _, t in reversed(view) if kind == "recv"}  # first per peer
+    first = [t for kind, peer, _, t in view if kind == "recv"]
+    low = (1 << d) - 1
+    best = 0.0
+    for clear in (False, True):  # the mask as drawn, or with its low d bits cleared
+        if rank == a:  # c = my masked share + B's share + the helper's masked share
+            mask = next(t for which, t in draws if which == "prev")
+            mask = mask & ~low if clear else mask
+            c = sent[0] + first[0] + first[1]
+        else:  # c = A's masked share + my share + the helper's share (its first n elements)
+            mask = next(t for which, t in draws if which == "next")
+            mask = mask & ~low if clear else mask
+            helper_part = got[helper].reshape(-1)[:8 * n].view(torch.long)
+            c = got[a].reshape(-1) + sent[0].reshape(-1) + helper_part + mask
+        guess = (c.reshape(-1) - mask.reshape(-1) - 2 ** 62) & low
+        best = max(best, (guess == (values & low)).float().mean().item())
+    return best
+
+
+def test_truncation_hides_the_low_bits_from_each_opener(parties):
+    # a regression test for a real mistake: with the low bits of both openers' masks cleared
+    # (and no helper-only mask), each opener read x mod 2^d off c - (its mask): 100% hits
+    g = torch.Generator().manual_seed(11)
+    values = torch.randint(-(2 ** 40), 2 ** 40, (20_000,), generator=g)
+    for d in (16, 8):
+        hits = [h for h in parties.run(_truncation_attack_body, values, d) if h is not None]
+        assert len(hits) == 2
+        assert all(h < 4 * 2.0 ** -d + 0.01 for h in hits), (d, hits)
