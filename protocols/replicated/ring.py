@@ -28,6 +28,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from cipherdm_torch.protocols import config
+
 __all__ = ["ring_product", "product_device", "LIMB_BITS", "MAX_TERMS"]
 
 LIMB_BITS = 16
@@ -74,8 +76,6 @@ _LAYOUT: Dict[Callable, Layout] = {
 
 def product_device() -> Optional[torch.device]:
     """The device the protocol settings choose for ring products (None: the operands')."""
-    from cipherdm_torch.protocols import config
-
     spec = config.current().product_device
     return None if spec is None else torch.device(spec)
 
