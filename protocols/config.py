@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, Optional
 
 __all__ = ["Settings", "FUNCTIONS", "VARIANTS", "TRUNCATIONS", "BACKENDS", "use", "current",
+           "bounded_comparisons",
            "snapshot_stack", "adopt_stack"]
 
 VARIANTS = ("baseline", "optimised")
@@ -110,6 +111,15 @@ class Settings:
     # truncation, 1 round, 8 B per party, wrong by ~2^64/y with probability ~|x|/2^64;
     # for benchmarks only)
     truncation: str = "exact"
+    # rss backend comparisons (sign bit of x < 0): read in the ring of compare_bits bits. 64:
+    # exact for every encoded value (the default for any caller); 32: exact for encoded values
+    # in [-2^31, 2^31), i.e. |x| < 2^(31-f) = 32768 with f = 16 fractional bits, one round and
+    # ~16 B per element less. The protocols whose compared values are bounded by design (the
+    # softmax row max: differences of logits; exp's clip; the SiLU / Mish / GELU window, as
+    # x - T, x + T) run their comparisons with bounded_compare_bits (64: off). CrypTen's own
+    # backends always compare at full width.
+    compare_bits: int = 64
+    bounded_compare_bits: int = 32
     # where the rss backend's local ring products (matmul, convolutions: float64 limbs) run:
     # None (with the shares, in host memory) or a torch device string ("cuda", "cuda:1"). The
     # shares, the channel and the PRG streams stay on the host; results are bit for bit the
@@ -178,6 +188,8 @@ def use(variant: Optional[str] = None, *, backend: Optional[str] = None,
             _check_variant(key, value)
         if key == "truncation" and value not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {value!r}")
+        if key in ("compare_bits", "bounded_compare_bits") and value not in (32, 64):
+            raise ValueError(f"{key} must be 32 or 64, got {value!r}")
         if key == "product_device" and value is not None:
             value = _check_device(value)
         changes[key] = value
@@ -190,6 +202,13 @@ def use(variant: Optional[str] = None, *, backend: Optional[str] = None,
             yield current()
         finally:
             stack.pop()
+
+
+@contextmanager
+def bounded_comparisons() -> Iterator[Settings]:
+    """A block whose comparisons take values bounded by design (see ``compare_bits``)."""
+    with use(compare_bits=current().bounded_compare_bits) as settings:
+        yield settings
 
 
 def _check_device(spec: Any) -> str:

@@ -101,8 +101,9 @@ def _bit_zero_share(shape, device=None) -> torch.Tensor:
 def _zero_share(like: torch.Tensor) -> torch.Tensor:
     if like.dtype == torch.uint8:
         return _bit_zero_share(like.shape, like.device)
-    return ra.rand_ring(like.shape, "next", like.device) ^ ra.rand_ring(like.shape, "prev",
-                                                                      like.device)
+    zero = ra.rand_ring(like.shape, "next", like.device) ^ ra.rand_ring(like.shape, "prev",
+                                                                        like.device)
+    return zero if like.dtype == torch.long else zero.to(like.dtype)  # int32 words: low half
 
 
 def random_bits(shape: Sequence[int], bits: int = 64, device: ra.Device = None) -> Pair:
@@ -121,10 +122,12 @@ def and_many(pairs: Sequence[Tuple[Pair, Pair]]) -> List[Pair]:
     for (xa, xb), (ya, yb) in pairs:
         z = (xa & (ya ^ yb)) ^ (xb & ya)
         zs.append(z ^ _zero_share(z))
-    words = [k for k, z in enumerate(zs) if z.dtype != torch.uint8]
+    # one message per word width (int64, int32 for narrow comparisons) and one of packed bits
+    widths = [dt for dt in (torch.long, torch.int32) if any(z.dtype == dt for z in zs)]
+    groups = [[k for k, z in enumerate(zs) if z.dtype == dt] for dt in widths]
     bits = [k for k, z in enumerate(zs) if z.dtype == torch.uint8]
     sends, recvs = [], []
-    if words:
+    for words in groups:
         flat = torch.cat([zs[k].reshape(-1) for k in words])
         wbuf = torch.empty_like(flat)
         sends.append((flat, (rank - 1) % ws))
@@ -136,8 +139,8 @@ def and_many(pairs: Sequence[Tuple[Pair, Pair]]) -> List[Pair]:
         recvs.append((bbuf, (rank + 1) % ws))
     ra.exchange(sends, recvs)
     out: List[Pair] = [None] * len(zs)  # type: ignore[list-item]
-    if words:
-        got, pos = recvs[0][0], 0
+    for g, words in enumerate(groups):
+        got, pos = recvs[g][0], 0
         for k in words:
             n = zs[k].numel()
             out[k] = (zs[k], got[pos:pos + n].view(zs[k].shape))
@@ -200,19 +203,29 @@ def a2b(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
     return xor(xor(s, c), _shl(g, 1))
 
 
-def msb(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
-    """Binary sharing (0/1 uint8) of the sign bit of the replicated arithmetic value.
+def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
+    """Binary sharing (0/1 uint8) of the sign bit of the replicated arithmetic value, read in
+    the ring of ``bits`` bits (64, or 32: the top bit of x mod 2^32).
+
+    With ``bits=32`` the three shares are taken mod 2^32 locally (``x mod 2^32`` is their sum
+    mod 2^32), so the answer is exact for encoded values in [-2^31, 2^31), and the words on
+    the wire are int32 and the carry tree has 5 levels instead of 6: one round and about 16
+    bytes per element less.
 
     The carry tree runs on bit planes (:func:`to_planes`): at every level the ANDs, the zero
     sharings and the messages are whole int64 words of 64 elements' bits, nothing is unpacked
     until the final carry."""
+    if bits not in (32, 64):
+        raise ValueError(f"msb reads a ring of 32 or 64 bits, not {bits}")
+    if bits == 32:
+        x, x_next = x.to(torch.int32), x_next.to(torch.int32)  # mod 2^32, two's complement
     s, c = csa(*from_arith(x, x_next))
     c = _shl(c, 1)
     g = and_(s, c)
     p = xor(s, c)
-    # generate / propagate planes of bits 0..62, with a zero plane below bit 0 (width 64)
-    G = tuple(to_planes(t << 1) for t in g)
-    P = tuple(to_planes(t << 1) for t in p)
+    # generate / propagate planes of bits 0..bits-2, with a zero plane below bit 0
+    G = tuple(to_planes(t.to(torch.long) << 1)[:bits] for t in g)
+    P = tuple(to_planes(t.to(torch.long) << 1)[:bits] for t in p)
     while G[0].shape[0] > 1:
         g_lo, g_hi = tuple(t[0::2] for t in G), tuple(t[1::2] for t in G)
         p_lo, p_hi = tuple(t[0::2] for t in P), tuple(t[1::2] for t in P)
@@ -222,7 +235,7 @@ def msb(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
             pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)])
         G = xor(g_hi, pg)
     carry = tuple(from_plane(t[0], x.shape) for t in G)
-    top = tuple(((s[k] ^ c[k]) >> 63).to(torch.uint8) & 1 for k in range(2))
+    top = tuple(((s[k] ^ c[k]) >> (bits - 1)).to(torch.uint8) & 1 for k in range(2))
     return xor(top, carry)
 
 

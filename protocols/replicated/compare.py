@@ -8,18 +8,21 @@ Range: the sign bit is exact for every encoded value, i.e. for reals in
 ``[-2^47, 2^47)`` with CrypTen's 16 fractional bits (``x < c`` and ``max`` compute a
 difference, which must stay in that range). Cost per element of ``ltz``
 (bytes sent by P0): re-share of x if not cached 8 + carry-save AND 8 + generate AND 8
-+ bit-packed carry tree about 16 + bit injection 8 (only P0); 9 rounds.
++ bit-packed carry tree about 16 + bit injection 8 (only P0); 9 rounds. Inside
+``protocols.config.bounded_comparisons()`` (``compare_bits=32``) the sign is read mod 2^32:
+exact for reals in ``[-2^15, 2^15)``, 4 + 4 + about 8 + 8 bytes, 8 rounds.
 """
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
+from cipherdm_torch.protocols import config
 from cipherdm_torch.protocols.max_tree import tree_max
 from cipherdm_torch.protocols.replicated import arith as ra
 from cipherdm_torch.protocols.replicated import binary as rb
@@ -27,9 +30,11 @@ from cipherdm_torch.protocols.replicated import binary as rb
 __all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_share"]
 
 
-def ltz_share(x: torch.Tensor) -> torch.Tensor:
-    """Additive share (integer scale) of [x < 0] for this party's share ``x``."""
-    return rb.b2a_bit(rb.msb(x, ra.replicate(x)))
+def ltz_share(x: torch.Tensor, bits: Optional[int] = None) -> torch.Tensor:
+    """Additive share (integer scale) of [x < 0] for this party's share ``x``, read in the ring
+    of ``bits`` bits (default: ``protocols.config`` field ``compare_bits``)."""
+    bits = config.current().compare_bits if bits is None else bits
+    return rb.b2a_bit(rb.msb(x, ra.replicate(x), bits))
 
 
 def _bit_tensor(share: torch.Tensor) -> MPCTensor:

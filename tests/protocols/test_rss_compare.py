@@ -8,6 +8,7 @@ from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
 
+from cipherdm_torch.protocols import config
 from cipherdm_torch.mpc.cost import CostMeter
 from cipherdm_torch.protocols.replicated import arith as ra
 from cipherdm_torch.protocols.replicated import backend as rss_backend, compare as rss_compare
@@ -153,3 +154,41 @@ def test_comparisons_relu_select_max(parties):
         lt_b = r["lt_cost"]["bytes_sent"] / 4096
         assert relu_b <= 100 and lt_b <= 100, (relu_b, lt_b)
         assert r["relu_cost"]["rounds"] <= 12 and r["lt_cost"]["rounds"] <= 11
+
+
+def _narrow_body(ring, values):
+    out = {}
+    xr = _share_ints(ring)
+    xn = ra.replicate(xr)
+    for bits in (64, 32):
+        with CostMeter() as m:
+            bit = rb.msb(xr, xn, bits)
+        out[bits] = (rb.reveal_binary(bit), m.total.as_dict())
+    with rss_backend.replicated_backend():
+        ex = crypten.cryptensor(values, src=0)
+        with config.bounded_comparisons():
+            out["lt"] = _plain(ex < 0.25)
+        out["lt_full"] = _plain(ex < 0.25)
+    return out
+
+
+def test_narrow_sign_is_exact_in_its_range_and_cheaper(parties):
+    """The sign read mod 2^32: exact for every encoded value in [-2^31, 2^31) (both ends,
+    and values whose high 32 bits would fool a wrong implementation), one round and ~16 B per
+    element cheaper than the full ring."""
+    g = torch.Generator().manual_seed(8)
+    lo, hi = -(2 ** 31), 2 ** 31 - 1
+    ring = torch.cat([torch.randint(lo, hi, (4000,), generator=g),
+                      torch.tensor([lo, lo + 1, -1, 0, 1, hi - 1, hi, 2 ** 30, -(2 ** 30)])])
+    values = torch.cat([torch.randn(1000, generator=g) * 50, torch.tensor([0.25, 0.2499, 32767.0,
+                                                                          -32767.0])])
+    results = parties.run(_narrow_body, ring, values, timeout=300)
+    for r in results:
+        for bits in (64, 32):
+            assert torch.equal(r[bits][0].long(), (ring < 0).long()), bits
+        assert r[32][1]["rounds"] == r[64][1]["rounds"] - 1
+    for k in ("lt", "lt_full"):
+        assert torch.equal(results[0][k], (values < 0.25).float()), k
+    sent = {bits: sum(r[bits][1]["bytes_sent"] for r in results) / ring.numel() / 3
+            for bits in (64, 32)}
+    assert sent[32] <= sent[64] - 14, sent
