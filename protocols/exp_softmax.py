@@ -135,13 +135,17 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
     cfg = config.current()
     dim = dim % x.dim()
     n = x.size(dim)
-    if cfg.softmax_max_method == "crypten":
-        top = x.max(dim, keepdim=True)[0]
-    elif cfg.softmax_max_method == "tree3":
-        top = ternary_max(x, dim, keepdim=True)
-    else:
-        top = row_max(x, dim)
-    e = exp(x - top)
+    # the row max compares differences of logits and exp's clip x - max + bound: bounded by
+    # the logits' spread, so on the rss backend these comparisons are read mod 2^32
+    # (config.bounded_comparisons: exact while logits differ by less than 2^(31-f) - 32)
+    with config.bounded_comparisons():
+        if cfg.softmax_max_method == "crypten":
+            top = x.max(dim, keepdim=True)[0]
+        elif cfg.softmax_max_method == "tree3":
+            top = ternary_max(x, dim, keepdim=True)
+        else:
+            top = row_max(x, dim)
+        e = exp(x - top)
     s = e.sum(dim, keepdim=True)
     hi = max(1, math.ceil(math.log2(n)) + 1)
     r, p = reciprocal_scaled(s, lo=0, hi=hi)

@@ -27,7 +27,9 @@ polynomial's products.
 
 Why it is robust: x^2 is never truncated (:func:`square_untruncated`), so the
 window bit is exact for |x| < 46341 and everything computed for |x| >= T, even
-if garbage, is multiplied by c = 0.
+if garbage, is multiplied by c = 0. On the rss backend the bits are [x < 0], [x < T] and
+[x < -T] read mod 2^32 (``protocols.config`` ``bounded_compare_bits``): one round less per
+call, exact for |x| < 32768 - T.
 """
 
 from __future__ import annotations
@@ -106,13 +108,25 @@ def sign_window(x: MPCTensor, bound: float, square: Optional[MPCTensor] = None
     """(b, c, s) with b = [x < 0], c = [|x| < bound] from one batched comparison, s = x^2 2^f.
 
     The window compares the untruncated square (:func:`square_untruncated`), so both
-    bits are exact for every |x| < 46341, however far outside the window. ``square``: s when
-    the caller has it already.
+    bits are exact for every |x| < 46341, however far outside the window. On the rss backend
+    the comparisons are bounded (:func:`_narrow_comparisons`): [x < 0], [x < T] and [x < -T]
+    mod 2^32, exact for |x| < 32768 - T. ``square``: s when the caller has it already.
     """
     s = square_untruncated(x) if square is None else square
+    if _narrow_comparisons():  # three comparisons mod 2^32: one round less, fewer bytes
+        with config.bounded_comparisons():
+            bits = crypten.stack([x, x - float(bound), x + float(bound)])._ltz()
+        return bits[0], bits[1] - bits[2], s
     scale = float(FixedPointEncoder().scale)
     bits = crypten.stack([x, s - float(bound) ** 2 * scale])._ltz()
     return bits[0], bits[1], s
+
+
+def _narrow_comparisons() -> bool:
+    """Whether the active backend reads bounded comparisons mod 2^32 (the rss backend, unless
+    ``bounded_compare_bits`` is 64): then the window is [x < T] - [x < -T], exact for
+    |x| < 2^(31-f) - T (32760 for SiLU at f = 16), instead of the square's comparison."""
+    return crypten.cfg.mpc.protocol == "rss" and config.current().bounded_compare_bits < 64
 
 
 def both_sides(x: MPCTensor, s: MPCTensor, bound: float, pos: Sequence[float],
