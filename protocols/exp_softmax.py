@@ -13,10 +13,11 @@ softmax range -9.95 with margin) and lies above -1.75 * 2^n (:func:`exp_safe_bou
 comparison is skipped: there the unclipped result is already within 6e-5 of exp(x).
 The first square is taken untruncated (one truncation for the division by 2^n and the
 square) only where truncation is exact (:func:`truncation_is_exact`): its raw value is about
-2^(2n + 2f) = 2^44, and CrypTen's own ``replicated`` protocol truncates with ABY3's two-share
-method, which is wrong by ~2^64 / d with probability ~|x| / 2^64 per element (1e-6 at
-2^44, measured: one garbage entry per ~120 softmaxes of 2 x 4096). There the plain order
-(x / 2^n first, values <= 1) keeps that probability near 2^-32.
+2^(2n + 2f) = 2^44, and CrypTen's own protocols (``replicated``: ABY3's two-share method;
+``beaver``: local division with a wrap count) are wrong by ~2^64 / d with probability
+~|x| / 2^64 per element (1e-6 at 2^44, measured on ``replicated``: one garbage entry per ~120
+softmaxes of 2 x 4096). There the plain order (x / 2^n first, values <= 1) keeps that
+probability near 2^-32.
 
 softmax: row max by a tree of thirds (default ``softmax_max_method="tree3"``: ceil(log3 n)
 levels of one batched comparison each, about 1.5 n comparisons per row; ``"tree"``: by halves,
@@ -28,6 +29,7 @@ thousands of entries keep their precision.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -44,19 +46,14 @@ from cipherdm_torch.protocols.side_by_side import run_together
 __all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax",
            "truncation_is_exact"]
 
-# CrypTen's own protocols whose truncation is exact: Beaver's (wrap count from the provider).
-# This package's "rss" backend is exact unless set to ABY3's probabilistic truncation
-# (``protocols.config`` knob ``truncation``)
-_EXACT_TRUNCATION = ("beaver",)
-
-
 def truncation_is_exact() -> bool:
     """Whether the active protocol divides shares by a public integer without a probability of
-    a large error that grows with |x| (CrypTen's ``replicated``: ~|x| / 2^64 per element)."""
-    protocol = crypten.cfg.mpc.protocol
-    if protocol == "rss":
-        return config.current().truncation == "exact"
-    return protocol in _EXACT_TRUNCATION
+    a large error that grows with |x|: only this package's "rss" backend in its default exact
+    mode (``protocols.config`` knob ``truncation``). CrypTen's own protocols are not: its
+    ``replicated`` mode truncates two-share style and its ``beaver`` mode divides the shares
+    locally with a wrap correction that is itself wrong with probability ~|x| / 2^64 (found by
+    a slow test at 2^53: 2^-11 per element)."""
+    return crypten.cfg.mpc.protocol == "rss" and config.current().truncation == "exact"
 
 
 def _clip_bound(cfg) -> float:
@@ -148,7 +145,11 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
         e = exp(x - top)
     s = e.sum(dim, keepdim=True)
     hi = max(1, math.ceil(math.log2(n)) + 1)
-    r, p = reciprocal_scaled(s, lo=0, hi=hi)
+    # the row sum lies in [1, n] (up to exp's error): its comparisons with 2^0 .. 2^hi are
+    # bounded by 2^(hi+1) <= 4n, read mod 2^32 while that stays below 2^(31-f)
+    bounded = 2.0 ** (hi + 1) < 2.0 ** 31 / x.encoder.scale
+    with config.bounded_comparisons() if bounded else contextlib.nullcontext():
+        r, p = reciprocal_scaled(s, lo=0, hi=hi)
     return (e * r) * p
 
 
