@@ -29,7 +29,6 @@ thousands of entries keep their precision.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -145,11 +144,7 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
         e = exp(x - top)
     s = e.sum(dim, keepdim=True)
     hi = max(1, math.ceil(math.log2(n)) + 1)
-    # the row sum lies in [1, n] (up to exp's error): its comparisons with 2^0 .. 2^hi are
-    # bounded by 2^(hi+1) <= 4n, read mod 2^32 while that stays below 2^(31-f)
-    bounded = 2.0 ** (hi + 1) < 2.0 ** 31 / x.encoder.scale
-    with config.bounded_comparisons() if bounded else contextlib.nullcontext():
-        r, p = reciprocal_scaled(s, lo=0, hi=hi)
+    r, p = reciprocal_scaled(s, lo=0, hi=hi)  # s in [1, n]: bounded comparisons for n < 2^13
     return (e * r) * p
 
 

@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
+from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols.exp_softmax import truncation_is_exact
+from cipherdm_torch.protocols.piecewise import square_untruncated
+from cipherdm_torch.protocols.side_by_side import run_together
+
 __all__ = ["group_norm", "layer_norm"]
 
 if TYPE_CHECKING:
@@ -23,8 +28,30 @@ if TYPE_CHECKING:
 def _normalise_last(x, eps: float, rsqrt: Callable):
     """(x - mean) * rsqrt(var + eps) over the last dimension of ``x``."""
     centred = x - x.mean(-1, keepdim=True)
-    var = centred.square().mean(-1, keepdim=True)
+    var = _mean_square(centred)
     return _times_rsqrt(centred, var + eps, rsqrt)
+
+
+def _folds(t) -> bool:
+    """Whether :func:`_mean_square` of ``t`` takes ONE truncation: where the sum of the
+    UNtruncated squares, n var 2^(2f), stays inside the exact truncation's range 2^62 for every
+    variance the rsqrt covers (n 2^magnitude_hi <= 2^(61 - 2f): calibrated GroupNorm ranges,
+    small groups), on a protocol whose truncation is exact (``exp_softmax.truncation_is_exact``:
+    the rss backend)."""
+    bits = round(math.log2(t.encoder.scale))
+    return truncation_is_exact() and \
+        t.size(-1) * 2.0 ** config.current().magnitude_hi <= 2.0 ** (61 - 2 * bits)
+
+
+def _mean_square(t):
+    """Mean of ``t^2`` over the last dimension (keepdim): the squares summed untruncated and
+    divided by n 2^f in one truncation where :func:`_folds` (2 rounds and the per-element
+    truncation's bytes fewer), else square (a truncation per element), then mean (one per
+    group)."""
+    if _folds(t):
+        total = square_untruncated(t).sum(-1, keepdim=True)  # n E[t^2] 2^(2f), raw integers
+        return total.div(t.size(-1) * int(t.encoder.scale))
+    return t.square().mean(-1, keepdim=True)
 
 
 def _times_rsqrt(t, v, rsqrt: Callable):
@@ -73,9 +100,12 @@ def _group_norm_secret_weight(x, num_groups, weight, bias, eps, rsqrt):
     centred = xg - xg.mean(-1, keepdim=True)
     w = weight.reshape(1, c, *([1] * len(spatial))).expand(n, c, *spatial)
     w = w.reshape(n, num_groups, -1)
-    prod = crypten_stack([centred, centred]) * crypten_stack([centred, w])
-    sq, cw = prod[0], prod[1]
-    var = sq.mean(-1, keepdim=True)
+    if _folds(centred):  # (x - mean) w beside the one-truncation variance: rounds shared
+        cw, var = run_together(lambda: centred * w, lambda: _mean_square(centred))
+    else:
+        prod = crypten_stack([centred, centred]) * crypten_stack([centred, w])
+        sq, cw = prod[0], prod[1]
+        var = sq.mean(-1, keepdim=True)
     y = _times_rsqrt(cw, var + eps, rsqrt).reshape(n, c, *spatial)
     return _affine(y, None, bias, [1, c] + [1] * len(spatial))
 

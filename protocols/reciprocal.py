@@ -29,6 +29,8 @@ steps absorb the coarser guess.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -95,7 +97,12 @@ def exponent_onehot(x: MPCTensor, lo: int, hi: int, steps: int = 1
     # (a CrypTen subtraction per threshold cost ~80 ms per call in Python for 160 thresholds)
     thresholds = torch.tensor([2.0 ** (j / steps) for j in js], dtype=torch.float64)
     shifted = crypten.stack([x] * len(js)) - thresholds.reshape((-1,) + (1,) * x.dim())
-    c = 1 - shifted._ltz()  # c_j, scale 1
+    # with a range below 2^(30-f) (e.g. the calibrated GroupNorm variances) the comparisons are
+    # bounded: read mod 2^32 on the rss backend, exact for x < 2^(31-f) (beyond the range the
+    # guess saturates as before, up to 2^(31-f) = 32768 at f = 16; above that it is garbage)
+    bounded = 2.0 ** (hi + 1) <= 2.0 ** 31 / x.encoder.scale
+    with config.bounded_comparisons() if bounded else contextlib.nullcontext():
+        c = 1 - shifted._ltz()  # c_j, scale 1
     # one-hot of the bucket: d_lo = 1 - c_(first), d_j = c_j - c_(j+1), d_hi = c_last
     return crypten.cat([1 - c[:1], c[:-1] - c[1:], c[-1:]]), buckets
 
