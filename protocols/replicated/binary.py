@@ -34,7 +34,7 @@ import torch
 
 from cipherdm_torch.protocols.replicated import arith as ra
 
-__all__ = ["Pair", "random_bits", "bits_of", "to_planes", "from_plane", "xor", "xor_public",
+__all__ = ["Pair", "random_bits", "bits_of", "to_planes", "to_planes32", "from_plane", "xor", "xor_public",
            "and_many", "and_", "from_arith", "csa", "a2b", "msb", "b2a_bit", "b2a",
            "reveal_binary", "pack_bits", "unpack_bits"]
 
@@ -224,8 +224,9 @@ def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
     g = and_(s, c)
     p = xor(s, c)
     # generate / propagate planes of bits 0..bits-2, with a zero plane below bit 0
-    G = tuple(to_planes(t.to(torch.long) << 1)[:bits] for t in g)
-    P = tuple(to_planes(t.to(torch.long) << 1)[:bits] for t in p)
+    planes = to_planes if bits == 64 else to_planes32
+    G = tuple(planes(t << 1) for t in g)
+    P = tuple(planes(t << 1) for t in p)
     while G[0].shape[0] > 1:
         g_lo, g_hi = tuple(t[0::2] for t in G), tuple(t[1::2] for t in G)
         p_lo, p_hi = tuple(t[0::2] for t in P), tuple(t[1::2] for t in P)
@@ -265,6 +266,21 @@ def to_planes(word: torch.Tensor) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     return _transpose64(flat.view(-1, 64)).t().contiguous()
+
+
+def to_planes32(word: torch.Tensor) -> torch.Tensor:
+    """int32 words (N elements) -> (32, ceil(N / 128) * 2) int64 bit planes laid out like
+    :func:`to_planes`'s (bit i of ``planes[j, b]`` is bit j of element ``64 b + i``), from HALF
+    the transposes: the first and second halves of the elements share int64 words (low and
+    high 32 bits), so one 64-plane transpose yields the planes of both halves."""
+    flat = word.reshape(-1)
+    pad = (-flat.numel()) % 128
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    half = flat.numel() // 2
+    packed = (flat[:half].to(torch.long) & 0xFFFFFFFF) | (flat[half:].to(torch.long) << 32)
+    planes = to_planes(packed)  # (64, half / 64): rows 0-31 first half, 32-63 second half
+    return torch.cat([planes[:32], planes[32:]], dim=1)
 
 
 def from_plane(plane: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

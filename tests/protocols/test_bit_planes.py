@@ -33,3 +33,14 @@ def test_bits_of_a_one_element_view_of_a_wide_tensor():
     assert torch.equal(rb.bits_of(planes[0]), _reference_bits(planes[0]))
     assert rb.from_plane(planes[0], (3,)).tolist() == [1, 1, 0]
     assert rb.from_plane(planes[62], (3,)).tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (5, 3), (64,), (128,), (130,), (3, 65, 2)])
+def test_planes32_match_the_planes_of_the_low_32_bits(shape):
+    g = torch.Generator().manual_seed(7 + sum(shape))
+    w = torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, generator=g)
+    ref = _reference_bits(w.to(torch.long))
+    planes = rb.to_planes32(w)
+    assert planes.shape[0] == 32 and planes.shape[1] * 64 >= w.numel()
+    for j in range(32):
+        assert torch.equal(rb.from_plane(planes[j], shape), ref[..., j]), j
