@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, Optional
 
 __all__ = ["Settings", "FUNCTIONS", "VARIANTS", "TRUNCATIONS", "BACKENDS", "use", "current",
-           "bounded_comparisons",
+           "bounded_comparisons", "truncation_is_exact",
            "snapshot_stack", "adopt_stack"]
 
 VARIANTS = ("baseline", "optimised")
@@ -202,6 +202,17 @@ def use(variant: Optional[str] = None, *, backend: Optional[str] = None,
             yield current()
         finally:
             stack.pop()
+
+
+def truncation_is_exact() -> bool:
+    """Whether the active protocol divides shares by a public integer without a probability of
+    a large error that grows with |x|: only the "rss" backend in its default exact mode (knob
+    ``truncation``; exact for |x| < 2^62). CrypTen's own protocols are not: its ``replicated``
+    mode truncates two-share style and its ``beaver`` mode divides the shares locally with a
+    wrap correction that is itself wrong with probability ~|x| / 2^64 (a slow test caught it
+    at 2^53: 2^-11 per element)."""
+    crypten = importlib.import_module("crypten")  # CrypTen loads only when this is asked
+    return crypten.cfg.mpc.protocol == "rss" and current().truncation == "exact"
 
 
 @contextmanager

@@ -45,14 +45,7 @@ from cipherdm_torch.protocols.side_by_side import run_together
 __all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax",
            "truncation_is_exact"]
 
-def truncation_is_exact() -> bool:
-    """Whether the active protocol divides shares by a public integer without a probability of
-    a large error that grows with |x|: only this package's "rss" backend in its default exact
-    mode (``protocols.config`` knob ``truncation``). CrypTen's own protocols are not: its
-    ``replicated`` mode truncates two-share style and its ``beaver`` mode divides the shares
-    locally with a wrap correction that is itself wrong with probability ~|x| / 2^64 (found by
-    a slow test at 2^53: 2^-11 per element)."""
-    return crypten.cfg.mpc.protocol == "rss" and config.current().truncation == "exact"
+truncation_is_exact = config.truncation_is_exact  # (kept importable from here)
 
 
 def _clip_bound(cfg) -> float:

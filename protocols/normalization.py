@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 import torch
 
 from cipherdm_torch.protocols import config
-from cipherdm_torch.protocols.exp_softmax import truncation_is_exact
 from cipherdm_torch.protocols.piecewise import square_untruncated
 from cipherdm_torch.protocols.side_by_side import run_together
 
@@ -36,10 +35,10 @@ def _folds(t) -> bool:
     """Whether :func:`_mean_square` of ``t`` takes ONE truncation: where the sum of the
     UNtruncated squares, n var 2^(2f), stays inside the exact truncation's range 2^62 for every
     variance the rsqrt covers (n 2^magnitude_hi <= 2^(61 - 2f): calibrated GroupNorm ranges,
-    small groups), on a protocol whose truncation is exact (``exp_softmax.truncation_is_exact``:
+    small groups), on a protocol whose truncation is exact (``config.truncation_is_exact``:
     the rss backend)."""
     bits = round(math.log2(t.encoder.scale))
-    return truncation_is_exact() and \
+    return config.truncation_is_exact() and \
         t.size(-1) * 2.0 ** config.current().magnitude_hi <= 2.0 ** (61 - 2 * bits)
 
 

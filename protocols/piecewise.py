@@ -155,7 +155,7 @@ def both_sides(x: MPCTensor, s: MPCTensor, bound: float, pos: Sequence[float],
     neg = list(neg) + [0.0] * (degree + 1 - len(neg))
     if degree == 0:
         return x * 0 + pos[0], x * 0 + neg[0]
-    if u2 is not None and (degree <= 5 or (degree == 6 and _truncation_exact_to_2_62())):
+    if u2 is not None and (degree <= 5 or (degree == 6 and config.truncation_is_exact())):
         p = _sextic(u, u2, [pos + [0.0] * (6 - degree), neg + [0.0] * (6 - degree)])
         return p[0], p[1]
     pw = powers(u, degree, square=u2)
@@ -167,13 +167,6 @@ def both_sides(x: MPCTensor, s: MPCTensor, bound: float, pos: Sequence[float],
     out.share = (stacked.share * w.reshape(degree, 2, *([1] * x.dim()))).sum(0)
     out = out.div(scale)
     return out[0] + pos[0], out[1] + neg[0]
-
-
-def _truncation_exact_to_2_62() -> bool:
-    """Whether truncating values near 2^53 is safe: the replicated backend's exact truncation
-    (|x| < 2^62). CrypTen's Beaver truncation assumes no wrap of the masked value, wrong with
-    probability about |x| / 2^64 per element (2^-11 at 2^53: a slow test caught it)."""
-    return crypten.cfg.mpc.protocol == "rss" and config.current().truncation == "exact"
 
 
 def product_untruncated(a: MPCTensor, b: MPCTensor) -> MPCTensor:
