@@ -79,3 +79,18 @@ def test_offloaded_products_and_staged_links_change_nothing(parties):
         assert r["seen"]["wrong"] == 0
     for r in results:  # the same rounds and bytes on every party
         assert r["host"][1:] == r["device"][1:]
+
+
+def test_gpu_check_script_dry_runs(capsys):
+    # the prepared script for a session with a GPU must not rot: its product and staging
+    # checks pass on "cpu:0" (the forward comparison is the bench script, run elsewhere)
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "check_cuda.py"
+    spec = importlib.util.spec_from_file_location("check_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cpu:0", "--skip-forward"]) == 0
+    out = capsys.readouterr().out
+    assert "DIFFERENT" not in out and "BROKEN" not in out and "all device checks passed" in out
