@@ -8,8 +8,9 @@ matmul, in-channels per group times the kernel size of a convolution). Only the 
 with i + j <= 3 reach the low 64 bits, and the pairs sharing a left limb are ONE float64
 GEMM / convolution (the right limbs concatenated along the output dimension): four BLAS
 calls instead of ten, recombined with wrapping int64 shifts and adds. Bit for bit equal to
-torch's int64 result on the CPU (tested), 1.1-2.9x faster there on the bench model's
-shapes, and the only way the same code runs on a GPU.
+torch's int64 result on the CPU (tested), about 2x faster there on large products and slower
+on small ones (below :data:`CPU_LIMB_MIN_MACS` the CPU keeps the int64 kernel), and the only
+way the same code runs on a GPU.
 
 Elementwise ``mul`` needs none of this (int64 multiplication wraps on every device).
 
@@ -30,7 +31,7 @@ import torch
 
 from cipherdm_torch.protocols import config
 
-__all__ = ["ring_product", "product_device", "LIMB_BITS", "MAX_TERMS"]
+__all__ = ["ring_product", "product_device", "LIMB_BITS", "MAX_TERMS", "CPU_LIMB_MIN_MACS"]
 
 LIMB_BITS = 16
 _LIMBS = 64 // LIMB_BITS
@@ -74,6 +75,19 @@ _LAYOUT: Dict[Callable, Layout] = {
 }
 
 
+# below this many multiply-adds a CPU product runs torch's int64 kernel (measured on the 2-core
+# machine: a 1x4x28x28 convolution by 4x4x3x3, 113k MACs, 0.33 ms int64 vs 1.29 ms in limbs;
+# 10x32x28x28 by 32x32x3x3, 72M MACs, 214 ms vs 97 ms; 10x196x64 @ 64x64, 8M, even)
+CPU_LIMB_MIN_MACS = 1 << 22
+
+
+def _macs(x: torch.Tensor, y: torch.Tensor, out_dim: int) -> float:
+    """Multiply-adds of a matmul / stride-1 convolution: x's elements times the right factor's
+    outputs per input (its elements over its input dimension)."""
+    in_dim = {-1: -2, 0: 1, 1: 0}[out_dim]
+    return x.numel() * (y.numel() / max(1, y.shape[in_dim]))
+
+
 def product_device() -> Optional[torch.device]:
     """The device the protocol settings choose for ring products (None: the operands')."""
     spec = config.current().product_device
@@ -86,7 +100,8 @@ def ring_product(op: Callable, x: torch.Tensor, y: torch.Tensor, *args,
 
     matmul and (transposed, grouped) convolutions go through float64 limbs; every other case
     (elementwise products, a bias, positional options, more than :data:`MAX_TERMS` terms per
-    output) runs torch's int64 kernel where the operands are. ``device`` (default:
+    output, and on the CPU without a product device fewer than :data:`CPU_LIMB_MIN_MACS`
+    multiply-adds) runs torch's int64 kernel where the operands are. ``device`` (default:
     :func:`product_device`, else the operands' device) is where the limb products run; the
     result is returned on the operands' device. On CUDA operands a case the limbs cannot
     take is an error, since torch would refuse the int64 kernel anyway.
@@ -104,6 +119,8 @@ def ring_product(op: Callable, x: torch.Tensor, y: torch.Tensor, *args,
         return op(x, y, *args, **kwargs)
     home = x.device
     target = device if device is not None else product_device()
+    if target is None and home.type == "cpu" and _macs(x, y, info[0]) < CPU_LIMB_MIN_MACS:
+        return op(x, y, *args, **kwargs)  # small product: torch's int64 loop is faster here
     if target is not None and torch.device(target) != home:
         x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
     weight_dim, result_dim, _ = info

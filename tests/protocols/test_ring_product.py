@@ -28,14 +28,37 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def limbs_always(monkeypatch):
+    """Every product through the limbs (small ones otherwise take the int64 kernel)."""
+    from cipherdm_torch.protocols.replicated import ring
+
+    monkeypatch.setattr(ring, "CPU_LIMB_MIN_MACS", 0)
+
+
 @pytest.mark.parametrize("op,xs,ys,kw", CASES)
-def test_ring_product_is_bit_exact(op, xs, ys, kw):
+def test_ring_product_is_bit_exact(op, xs, ys, kw, limbs_always):
     g = torch.Generator().manual_seed(len(xs) * 31 + len(ys))
     x, y = _ring(xs, g), _ring(ys, g)
     assert torch.equal(ring_product(op, x, y, **kw), op(x, y, **kw))
 
 
-def test_extreme_values_and_the_exactness_bound():
+def test_small_products_keep_the_int64_kernel_and_large_ones_take_the_limbs(monkeypatch):
+    from cipherdm_torch.protocols.replicated import ring
+
+    calls = []
+    original = ring._limbs
+    monkeypatch.setattr(ring, "_limbs", lambda t: calls.append(t.shape) or original(t))
+    g = torch.Generator().manual_seed(5)
+    small = (_ring((1, 4, 8, 8), g), _ring((4, 4, 3, 3), g))  # 9k multiply-adds
+    assert torch.equal(ring_product(F.conv2d, *small, padding=1), F.conv2d(*small, padding=1))
+    assert not calls
+    big = (_ring((2, 16, 32, 32), g), _ring((32, 16, 3, 3), g))  # 9.4M multiply-adds
+    assert torch.equal(ring_product(F.conv2d, *big, padding=1), F.conv2d(*big, padding=1))
+    assert calls
+
+
+def test_extreme_values_and_the_exactness_bound(limbs_always):
     # all-ones limbs maximise every float64 partial sum: 2^32 K must stay below 2^53
     k = 4096
     x = torch.full((2, k), -1, dtype=torch.long)  # 0xFFFF...F
