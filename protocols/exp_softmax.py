@@ -12,7 +12,7 @@ calibrated lower bound of the inputs is known (knob ``exp_input_min``, e.g. the 
 softmax range -9.95 with margin) and lies above -1.75 * 2^n (:func:`exp_safe_bound`), the
 comparison is skipped: there the unclipped result is already within 6e-5 of exp(x).
 The first square is taken untruncated (one truncation for the division by 2^n and the
-square) only where truncation is exact (:func:`truncation_is_exact`): its raw value is about
+square) only where truncation is exact (:func:`.config.truncation_is_exact`): its raw value is about
 2^(2n + 2f) = 2^44, and CrypTen's own protocols (``replicated``: ABY3's two-share method;
 ``beaver``: local division with a wrap count) are wrong by ~2^64 / d with probability
 ~|x| / 2^64 per element (1e-6 at 2^44, measured on ``replicated``: one garbage entry per ~120
@@ -42,11 +42,7 @@ from cipherdm_torch.protocols.max_tree import larger_by_sign, ternary_max, tree_
 from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
 from cipherdm_torch.protocols.side_by_side import run_together
 
-__all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax",
-           "truncation_is_exact"]
-
-truncation_is_exact = config.truncation_is_exact  # (kept importable from here)
-
+__all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax"]
 
 def _clip_bound(cfg) -> float:
     # never clip above the range where the base stays in [1/2, 1]
@@ -74,7 +70,7 @@ def exp(x: MPCTensor) -> MPCTensor:
     def clip():
         return 1 - (x + _clip_bound(cfg))._ltz()  # [x >= -bound], integer scale
 
-    if n < 1 or x.encoder.scale <= 1 or not truncation_is_exact():
+    if n < 1 or x.encoder.scale <= 1 or not config.truncation_is_exact():
         return _exp_plain_order(x, n, clip() if _needs_clip(cfg) else None)
 
     def chain():

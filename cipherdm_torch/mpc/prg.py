@@ -148,9 +148,12 @@ def local_bytes(n: int) -> torch.Tensor:
 
 def local_ring(size: Sequence[int], device: Optional[torch.device] = None,
                bits: Optional[int] = None) -> torch.Tensor:
-    """Uniform int64 ring elements (or ``bits``-bit non-negative values) from the OS CSPRNG."""
+    """Uniform int64 ring elements (or ``bits``-bit non-negative values) from the OS CSPRNG;
+    draws only the bytes ``bits`` needs (1, 2, 4 or 8 per element)."""
     size = torch.Size(size)
-    out = local_bytes(8 * size.numel()).view(torch.int64).reshape(size)
+    width = 8 if bits is None or bits > 32 else 4 if bits > 16 else 2 if bits > 8 else 1
+    dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
+    out = local_bytes(width * size.numel()).view(dtype).to(torch.int64).reshape(size)
     if bits is not None and bits < 64:
         out = out & ((1 << bits) - 1)
     return out if device is None or torch.device(device).type == "cpu" else out.to(device)

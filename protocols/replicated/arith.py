@@ -95,7 +95,6 @@ and ``truncate`` with the signatures CrypTen's ``ArithmeticSharedTensor`` calls.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -457,14 +456,6 @@ def _small_dtype(bits: int) -> torch.dtype:
     return torch.long
 
 
-def _local_low_bits(size, d: int, small: torch.dtype, dev) -> torch.Tensor:
-    """Uniform values in [0, 2^d) from this party's OS CSPRNG (no other party knows them)."""
-    n = math.prod(size)
-    raw = prg.local_bytes(n * small.itemsize).view(small).to(torch.long).reshape(size)
-    raw = raw & ((1 << d) - 1)
-    return raw if dev is None or torch.device(dev).type == "cpu" else raw.to(dev)
-
-
 def _truncate_exact_pow2(z: torch.Tensor, d: int, helper: int) -> Tuple[torch.Tensor,
                                                                         torch.Tensor]:
     """:func:`_truncate_exact` for ``y = 2^d`` (1 <= d <= 62) with the helper's shares of
@@ -524,7 +515,7 @@ def _truncate_exact_pow2(z: torch.Tensor, d: int, helper: int) -> Tuple[torch.Te
     w0 = rand_ring(size, "next", dev)
     m0 = rand_ring(size, "next", dev)
     r_b = rand_ring(size, "prev", dev) & high
-    r_h = _local_low_bits(size, d, small, dev)
+    r_h = prg.local_ring(size, dev, bits=d)  # the helper's own: OS CSPRNG
     r = r_a + r_b
     wrap = ((r ^ _MIN) < (r_a ^ _MIN)).to(torch.long)  # unsigned r_a + r_b >= 2^64
     big_m = (r < 0).to(torch.long)  # r_h < 2^d leaves the top bit as it is

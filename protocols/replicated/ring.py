@@ -100,8 +100,8 @@ def ring_product(op: Callable, x: torch.Tensor, y: torch.Tensor, *args,
 
     matmul and (transposed, grouped) convolutions go through float64 limbs; every other case
     (elementwise products, a bias, positional options, more than :data:`MAX_TERMS` terms per
-    output, and on the CPU without a product device fewer than :data:`CPU_LIMB_MIN_MACS`
-    multiply-adds) runs torch's int64 kernel where the operands are. ``device`` (default:
+    output, and a product computed on the CPU where its operands are with fewer than
+    :data:`CPU_LIMB_MIN_MACS` multiply-adds) runs torch's int64 kernel where the operands are. ``device`` (default:
     :func:`product_device`, else the operands' device) is where the limb products run; the
     result is returned on the operands' device. On CUDA operands a case the limbs cannot
     take is an error, since torch would refuse the int64 kernel anyway.
@@ -119,9 +119,10 @@ def ring_product(op: Callable, x: torch.Tensor, y: torch.Tensor, *args,
         return op(x, y, *args, **kwargs)
     home = x.device
     target = device if device is not None else product_device()
-    if target is None and home.type == "cpu" and _macs(x, y, info[0]) < CPU_LIMB_MIN_MACS:
+    travels = target is not None and torch.device(target) != home
+    if not travels and home.type == "cpu" and _macs(x, y, info[0]) < CPU_LIMB_MIN_MACS:
         return op(x, y, *args, **kwargs)  # small product: torch's int64 loop is faster here
-    if target is not None and torch.device(target) != home:
+    if travels:
         x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
     weight_dim, result_dim, _ = info
     xs, ys = _limbs(x), _limbs(y)

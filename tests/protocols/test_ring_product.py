@@ -52,6 +52,10 @@ def test_small_products_keep_the_int64_kernel_and_large_ones_take_the_limbs(monk
     g = torch.Generator().manual_seed(5)
     small = (_ring((1, 4, 8, 8), g), _ring((4, 4, 3, 3), g))  # 9k multiply-adds
     assert torch.equal(ring_product(F.conv2d, *small, padding=1), F.conv2d(*small, padding=1))
+    from cipherdm_torch.protocols import config
+
+    with config.use(product_device="cpu"):  # the operands' own device: the same rule
+        assert torch.equal(ring_product(F.conv2d, *small, padding=1), F.conv2d(*small, padding=1))
     assert not calls
     big = (_ring((2, 16, 32, 32), g), _ring((32, 16, 3, 3), g))  # 9.4M multiply-adds
     assert torch.equal(ring_product(F.conv2d, *big, padding=1), F.conv2d(*big, padding=1))
