@@ -37,7 +37,7 @@ import crypten
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
-from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols import config, sharewise
 from cipherdm_torch.protocols.max_tree import larger_by_sign, ternary_max, tree_max
 from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
 from cipherdm_torch.protocols.side_by_side import run_together
@@ -130,10 +130,17 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
             top = ternary_max(x, dim, keepdim=True)
         else:
             top = row_max(x, dim)
+        # the row max is a sum of products (no replica on the replicated backend): prepared at
+        # its own size (one entry per row), x - top and both of exp's branches inherit that,
+        # instead of each branch re-sharing its own copy of the whole x - top
+        sharewise.prepare_for_products([top.share])
         e = exp(x - top)
     s = e.sum(dim, keepdim=True)
     hi = max(1, math.ceil(math.log2(n)) + 1)
-    r, p = reciprocal_scaled(s, lo=0, hi=hi)  # s in [1, n]: bounded comparisons for n < 2^13
+    # e (a product by the clip bit) is prepared for e * r while the reciprocal runs: its one
+    # round rides in the reciprocal's first round instead of following it
+    (r, p), _ = run_together(lambda: reciprocal_scaled(s, lo=0, hi=hi),  # s in [1, n]
+                             lambda: sharewise.prepare_for_products([e.share]))
     return (e * r) * p
 
 

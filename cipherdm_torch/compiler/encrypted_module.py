@@ -41,7 +41,7 @@ from cipherdm_torch.compiler import graph as graph_mod, ops
 from cipherdm_torch.mpc.crypten_compat import crypten
 from cipherdm_torch.mpc.channel import op_label
 from cipherdm_torch.mpc.runtime import party
-from cipherdm_torch.protocols import side_by_side
+from cipherdm_torch.protocols import sharewise, side_by_side
 
 __all__ = ["EncryptedModule", "FixedPointRangeWarning", "encrypt", "fixed_point_limit", "reveal"]
 
@@ -307,6 +307,8 @@ class EncryptedModule:
                 else:
                     name, leaf = compiled.g.inputs[n.name]
                     values[n.name] = tree_flatten(inputs[name])[0][leaf]
+            # the backend may prepare the secrets' shares first (rss: replicas in one round)
+            sharewise.prepare_for_products(_secret_shares(values.values()))
             with torch.no_grad():
                 return _interpret(compiled, values)
 
@@ -330,6 +332,15 @@ class EncryptedModule:
             else:
                 out[name] = v
         return out
+
+
+def _secret_shares(values: Iterable[Any]) -> List[torch.Tensor]:
+    """This party's shares of the arithmetic secrets among ``values``, each once, in order."""
+    seen: Dict[int, torch.Tensor] = {}
+    for v in values:
+        if ops.is_secret(v) and getattr(v, "ptype", None) == crypten.mpc.arithmetic:
+            seen.setdefault(id(v.share), v.share)
+    return list(seen.values())
 
 
 def _node_label(index: int, name: str) -> str:

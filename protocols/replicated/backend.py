@@ -247,6 +247,17 @@ def _patch(owner, name: str, new) -> None:
 _MISSING = object()
 
 
+def replicate_for_products(shares) -> None:
+    """Preparer of shares about to enter products (:func:`.sharewise.prepare_for_products`, e.g.
+    a forward's secret weights and inputs): on this backend, re-share every one without a
+    replica in ONE round, so that no product deep inside the network waits a round for a
+    weight's or an input's replica (a model's weights are re-shared once, at their first
+    forward). Whether a share is sent depends only on :func:`.arith.cached_next` (and on
+    :func:`.lockstep.resharing` in a side-by-side branch), the same on every party."""
+    if is_active() and any(rss_arith.cached_next(s) is None for s in shares):
+        rss_arith.replicate_many(list(shares))
+
+
 def install() -> None:
     """Register the ``"rss"`` protocol and the dispatching wrappers (idempotent).
 
@@ -281,6 +292,7 @@ def install() -> None:
     for name in _RANK0_INPLACE:
         _patch(ArithmeticSharedTensor, name, _rank0_inplace(name))
     sharewise.on_local_op(rss_arith.carry_local_op)  # the compiler's share-wise ops carry replicas
+    sharewise.on_prepare(replicate_for_products)  # e.g. weights and inputs: one round, up front
     side_by_side.register_runner(lockstep.run_together)  # independent parts share their rounds
 
 
@@ -297,6 +309,7 @@ def uninstall() -> None:
     _SAVED.clear()
     _ORIG.clear()
     sharewise.remove_local_op_observer(rss_arith.carry_local_op)
+    sharewise.remove_preparer(replicate_for_products)
     side_by_side.register_runner(None)
 
 

@@ -29,6 +29,7 @@ def _body(x):
     out = {}
     with config.use("optimised", backend="rss"):
         enc = encrypt(model, (x,))
+        enc(enc.share_input("x", x if info.is_user else None))  # re-shares the weights once
         for mode, runner in (("together", lockstep.run_together), ("sequential", None)):
             side_by_side.register_runner(runner)
             try:
@@ -53,6 +54,10 @@ def test_independent_projections_share_rounds(parties):
     rounds = {mode: sum(r[mode][1] for r in results) for mode in ("together", "sequential")}
     sent = {mode: sum(r[mode][2] for r in results) for mode in ("together", "sequential")}
     assert sent["together"] == sent["sequential"]
-    # three projections (2 rounds each) in the rounds of one: 4 rounds fewer per party
-    assert rounds["together"] <= rounds["sequential"] - 3 * 3
+    # three projections (2 rounds of truncation each) in the rounds of one: 4 rounds fewer on
+    # the critical path; a party counts only rounds in which it receives (a truncation's helper
+    # receives nothing), so per party at least 2 fewer and over the parties at least 6
+    per_party = {mode: [r[mode][1] for r in results] for mode in ("together", "sequential")}
+    assert max(per_party["together"]) <= max(per_party["sequential"]) - 2, per_party
+    assert rounds["together"] <= rounds["sequential"] - 6, per_party
 
