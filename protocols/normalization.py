@@ -27,8 +27,23 @@ if TYPE_CHECKING:
 def _normalise_last(x, eps: float, rsqrt: Callable):
     """(x - mean) * rsqrt(var + eps) over the last dimension of ``x``."""
     centred = x - x.mean(-1, keepdim=True)
+    if not _folds(centred) and _takes_count(rsqrt):
+        total, n = _sum_of_squares(centred.square(), eps)
+        return _times_rsqrt(centred, total, rsqrt, count=n)
     var = _mean_square(centred)
     return _times_rsqrt(centred, var + eps, rsqrt)
+
+
+def _takes_count(rsqrt: Callable) -> bool:
+    """Whether ``rsqrt`` inverts x / count itself (:func:`.reciprocal.rsqrt`'s ``count``)."""
+    return getattr(rsqrt, "accepts_count", False) and getattr(rsqrt, "accepts_times", False)
+
+
+def _sum_of_squares(sq, eps: float):
+    """(n (var + eps), n) from the truncated squares ``sq`` (n per row): the SUM, not the mean,
+    whose division by n would be a truncation (two rounds); the rsqrt divides by n for free."""
+    n = sq.size(-1)
+    return sq.sum(-1, keepdim=True) + eps * n, n
 
 
 def _folds(t) -> bool:
@@ -53,8 +68,11 @@ def _mean_square(t):
     return t.square().mean(-1, keepdim=True)
 
 
-def _times_rsqrt(t, v, rsqrt: Callable):
-    """t * rsqrt(v); one product shallower when the rsqrt protocol takes ``times``."""
+def _times_rsqrt(t, v, rsqrt: Callable, count: int = 1):
+    """t * rsqrt(v / count); one product shallower when the rsqrt protocol takes ``times``
+    (``count`` > 1 only for one that takes it, see :func:`_takes_count`)."""
+    if count != 1:
+        return rsqrt(v, times=t, count=count)
     if getattr(rsqrt, "accepts_times", False):
         return rsqrt(v, times=t)
     return t * rsqrt(v)
@@ -104,6 +122,10 @@ def _group_norm_secret_weight(x, num_groups, weight, bias, eps, rsqrt):
     else:
         prod = crypten_stack([centred, centred]) * crypten_stack([centred, w])
         sq, cw = prod[0], prod[1]
+        if _takes_count(rsqrt):
+            total, count = _sum_of_squares(sq, eps)
+            y = _times_rsqrt(cw, total, rsqrt, count=count).reshape(n, c, *spatial)
+            return _affine(y, None, bias, [1, c] + [1] * len(spatial))
         var = sq.mean(-1, keepdim=True)
     y = _times_rsqrt(cw, var + eps, rsqrt).reshape(n, c, *spatial)
     return _affine(y, None, bias, [1, c] + [1] * len(spatial))

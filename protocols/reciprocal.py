@@ -30,8 +30,8 @@ steps absorb the coarser guess.
 from __future__ import annotations
 
 import contextlib
-
 import functools
+import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import crypten
@@ -45,6 +45,7 @@ from cipherdm_torch.protocols.side_by_side import run_together
 __all__ = ["reciprocal", "rsqrt", "batched_mul", "exponent_onehot", "weigh", "reciprocal_scaled"]
 
 GUESS_BITS = 32  # fractional bits of the weights that multiply x (x itself has 16)
+GUESS_BITS_MAX = 42  # at most (the guess's product is then about 2^58, below the 2^62 limit)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,9 +196,16 @@ def batched_mul(pairs: Sequence[Tuple[MPCTensor, MPCTensor]]) -> List[MPCTensor]
 
 
 def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
-          times: Optional[MPCTensor] = None) -> MPCTensor:
-    """1 / sqrt(x) for x > 0 in [2^lo, 2^hi]; ``times * (1 / sqrt(x))`` when ``times`` (a
-    secret of a shape ``x`` broadcasts to, e.g. the centred activations of a norm) is given.
+          times: Optional[MPCTensor] = None, count: int = 1) -> MPCTensor:
+    """1 / sqrt(x / count) for x / count > 0 in [2^lo, 2^hi]; ``times * (1 / sqrt(x / count))``
+    when ``times`` (a secret of a shape ``x`` broadcasts to, e.g. the centred activations of a
+    norm) is given.
+
+    ``count``: a public positive integer n that x is a multiple of (a norm passes the SUM of
+    squares, n var, instead of their mean: the division by n is a truncation, two rounds).
+    1 / sqrt(x / n) = sqrt(n) / sqrt(x): the buckets cover [2^lo n, 2^hi n], sqrt(n) rides in
+    the one-hot weights of 2^(-k/2) (local), and the guess's weights get log2(n) more
+    fractional bits (up to :data:`GUESS_BITS_MAX`), so its precision is that of x / n's.
 
     With ``times``, its product with the power-of-two part q = 2^(-k/2) rides in the first
     Newton step's batched product, and only the final product by the Newton iterate y remains:
@@ -210,11 +218,20 @@ def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
     """
     lo, hi = _range(lo, hi)
     steps, iters = config.current().rsqrt_steps, config.current().rsqrt_iters
+    if count < 1 or int(count) != count:
+        raise ValueError(f"rsqrt: count must be a positive integer, got {count!r}")
+    shift = math.log2(count)
+    lo, hi = lo + math.floor(shift), hi + math.ceil(shift)
+    gain = math.sqrt(count)
+    # the guess's weights (pd x and c 1 are one product, whose raw value is about 2^(bits + f))
+    # with log2(count) more fractional bits where only the no-Newton guess uses them
+    bits = min(GUESS_BITS + math.ceil(shift), GUESS_BITS_MAX) if iters == 0 and times is not None \
+        else GUESS_BITS
     d, ks = exponent_onehot(x, lo, hi, steps)
     pd = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[1] * 2.0 ** -kr[0], x,
-               bits=GUESS_BITS)
-    c = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[0], x, bits=GUESS_BITS)
-    q = weigh(d, ks, lambda kr: 2.0 ** (-kr[0] / 2), x, bits=GUESS_BITS)
+               bits=bits)
+    c = weigh(d, ks, lambda kr: bucket_guess(0.5, steps, kr[1])[0], x, bits=bits)
+    q = weigh(d, ks, lambda kr: gain * 2.0 ** (-kr[0] / 2), x, bits=GUESS_BITS)
     one = x * 0 + 1
     if iters == 0 and times is not None:
         return _times_guess(pd, c, q, one, x, times)
@@ -255,3 +272,4 @@ def _times_guess(pd, c, q, one, x, times):
 
 
 rsqrt.accepts_times = True  # normalization passes the centred activations as ``times``
+rsqrt.accepts_count = True  # ... and the sum of squares with its count (no division by n)

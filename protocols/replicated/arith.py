@@ -649,6 +649,8 @@ def truncate(x: ArithmeticSharedTensor, y: Divisor) -> ArithmeticSharedTensor:
     if isinstance(y, int):
         if y == 0:
             raise ZeroDivisionError("truncation by zero")
+        if y == 1:  # nothing to divide (e.g. a model's output_scale_factor of 1.0): no round
+            return x
         sign, mag = (-1 if y < 0 else 1), abs(y)
     else:
         if bool((y == 0).any()):

@@ -74,6 +74,8 @@ def _div(a, b):
         return _mul(a, inverse)
     if torch.is_tensor(b) and b.numel() > 1:
         return a * (1.0 / b.float())
+    if float(b) == 1.0:  # diffusers' output_scale_factor / rescale_output_factor: no truncation
+        return a.clone()
     return a / float(b)
 
 
