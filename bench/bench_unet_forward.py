@@ -11,7 +11,9 @@ the totals, and optimised/baseline ratios. Error vs the plaintext forward is pri
 :func:`cipherdm_torch.protocols.recorded_ranges.calibrated_settings` (no exp clip comparison,
 rsqrt magnitude comparisons over the recorded GroupNorm variance range only). A ``@DEVICE``
 suffix (``optimised+rss@cuda``) runs the ring products on that device (``product_device``;
-``cuda``: party k on GPU k mod GPUs), the shares staying in host memory.
+``cuda``: party k on GPU k mod GPUs), the shares staying in host memory. A ``:knob=value,...``
+suffix sets ``protocols.config`` knobs (``optimised+rss:exp_squarings=5``): accuracy against
+cost, side by side.
 
 Profile (issue 15): every table has the seconds blocked in the communicator ("wait s", from the
 cost meter) next to the wall seconds per op kind; the profile table splits them into waiting
@@ -93,15 +95,30 @@ def _kernel_split(prof):
     return kernel, wait, other, top
 
 
+def _knob_value(text):
+    """A knob's value from the command line: int, float, true/false or the text itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def _variant(variant, rank):
-    """``protocols[+backend][@device]`` -> (protocols, backend, protocol settings)."""
+    """``protocols[+backend][@device][:knob=value,...]`` -> (protocols, backend, protocol
+    settings); e.g. ``optimised+rss:exp_squarings=5`` (a knob of ``protocols.config``)."""
     from cipherdm_torch.protocols import recorded_ranges
 
+    variant, _, spec = variant.partition(":")
     name, _, device = variant.partition("@")
     protocols, _, backend = name.partition("+")
     knobs = {}
     if protocols == "calibrated":
         protocols, knobs = "optimised", recorded_ranges.calibrated_settings()
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        knobs[key] = _knob_value(value)
     if device:
         knobs["product_device"] = (f"cuda:{rank % torch.cuda.device_count()}"
                                    if device == "cuda" else device)
