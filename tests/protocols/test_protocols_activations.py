@@ -141,3 +141,9 @@ def test_activations_on_replicated_backend_meet_byte_target(parties):
             _, per_elt, rounds = party[name]
             assert per_elt <= 350, (name, per_elt)
             assert rounds <= 30, (name, rounds)
+        # re-share of the fresh input, the bounded comparison (carry-save, generate, 5 tree
+        # levels, bit injection) with the polynomial beside it, then ONE selection round (the
+        # selectors are linear in the three bits; two rounds in sequence before stop 17)
+        most = max(party[name][2] for party in results)
+        print(name, "rounds per party", [party[name][2] for party in results])
+        assert most == 10, (name, most)

@@ -8,7 +8,7 @@ import cipherdm_torch  # noqa: F401
 import crypten
 
 from cipherdm_torch import CostMeter
-from cipherdm_torch.protocols import config, exp_softmax, functions as P, recorded_ranges
+from cipherdm_torch.protocols import config, exp_softmax, functions as P, reciprocal, recorded_ranges
 from cipherdm_torch.protocols.replicated import backend as rss_backend
 
 
@@ -116,3 +116,40 @@ def test_exp_survives_probabilistic_truncation(parties, protocol):
     y = parties.run(_exp_many, x, protocol)[0]
     err = (y - x.exp()).abs()  # 10 squarings amplify the rounding to ~0.02; garbage is far off
     assert err.max() < 0.05, f"{int((err > 0.05).sum())} garbage entries, worst {err.max():.3g}"
+
+
+def _rsqrt_count(var, times, counts):
+    out = {}
+    with rss_backend.replicated_backend(), config.use("optimised"):
+        for n in counts:
+            v = crypten.cryptensor(var * n)  # the sum of n squares, n var
+            t = crypten.cryptensor(times)
+            with CostMeter() as m:
+                y = reciprocal.rsqrt(v, times=t, count=n)
+            out[n] = (y.get_plain_text(), m.total.rounds)
+        with CostMeter() as m:  # the mean instead: one division (truncation) more
+            v = crypten.cryptensor(var * counts[-1]).div(counts[-1])
+            y = reciprocal.rsqrt(v, times=crypten.cryptensor(times))
+        out["mean"] = (y.get_plain_text(), m.total.rounds)
+    return out
+
+
+def test_rsqrt_of_a_sum_with_its_count(parties):
+    """times / sqrt(x / n) from x = n var (a norm's sum of squares): as accurate as from the
+    variance itself over the whole default range, variances 2^-10 .. 2^22 and counts up to a
+    Stable-Diffusion-sized group (40960 = 10 channels x 64 x 64), without the division."""
+    var = torch.logspace(-3, 6.6, 40, base=10.0)
+    times = torch.linspace(-3, 3, 40) * var.sqrt()  # centred activations of that spread
+    counts = [1, 3, 784, 40960]
+    var = var.clamp(max=2.0 ** 46 / 2 ** 16 / max(counts))  # n var fits the 16-bit fixed point
+    every = parties.run(_rsqrt_count, var, times, counts)
+    r = every[0]
+    ref = times / var.sqrt()
+    for n in counts:
+        y, rounds = r[n]
+        rel = ((y - ref).abs() / ref.abs().clamp(min=0.1)).max().item()
+        assert rel < 0.01, (n, rel)
+    # the division by n is two rounds (the most any party waited: a truncation's helper
+    # receives nothing in them)
+    most = {k: max(p[k][1] for p in every) for k in ("mean", counts[-1])}
+    assert most["mean"] == most[counts[-1]] + 2, most
