@@ -70,12 +70,17 @@ def _mean_square(t):
 
 def _times_rsqrt(t, v, rsqrt: Callable, count: int = 1):
     """t * rsqrt(v / count); one product shallower when the rsqrt protocol takes ``times``
-    (``count`` > 1 only for one that takes it, see :func:`_takes_count`)."""
-    if count != 1:
-        return rsqrt(v, times=t, count=count)
-    if getattr(rsqrt, "accepts_times", False):
-        return rsqrt(v, times=t)
-    return t * rsqrt(v)
+    (``count`` > 1 only for one that takes it, see :func:`_takes_count`).
+
+    ``times`` rides in a product with weights of 32 fractional bits (raw values ~2^50 for
+    normalised outputs of a few units): only where truncation is exact
+    (:func:`.config.truncation_is_exact`). CrypTen's beaver truncation is wrong with
+    probability ~|raw| / 2^64 per element, ~2^-14 there: several garbage entries per UNet
+    forward; so on it the activations meet only the finished rsqrt, in an ordinary product."""
+    kwargs = {"count": count} if count != 1 else {}
+    if getattr(rsqrt, "accepts_times", False) and config.truncation_is_exact():
+        return rsqrt(v, times=t, **kwargs)
+    return t * rsqrt(v, **kwargs)
 
 
 def _affine(y, weight, bias, shape):
