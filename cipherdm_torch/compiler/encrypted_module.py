@@ -297,18 +297,21 @@ class EncryptedModule:
                 compiled = self._compile(plain)
                 self._share_weights(compiled)
             values = {}
+            secrets = {}  # each secret weight / input once, keyed by what it is (graph order)
             for n in compiled.nodes:
                 if n.op != "placeholder":
                     continue
                 if n.name in compiled.g.state:
-                    values[n.name] = self._weights[compiled.g.state[n.name]]
+                    target = compiled.g.state[n.name]
+                    values[n.name] = secrets[("weight", target)] = self._weights[target]
                 elif n.name in compiled.g.constants:
                     values[n.name] = compiled.g.constants[n.name]
                 else:
                     name, leaf = compiled.g.inputs[n.name]
-                    values[n.name] = tree_flatten(inputs[name])[0][leaf]
+                    values[n.name] = secrets[("input", name, leaf)] = \
+                        tree_flatten(inputs[name])[0][leaf]
             # the backend may prepare the secrets' shares first (rss: replicas in one round)
-            sharewise.prepare_for_products(_secret_shares(values.values()))
+            sharewise.prepare_for_products(_arithmetic_shares(secrets.values()))
             with torch.no_grad():
                 return _interpret(compiled, values)
 
@@ -334,13 +337,11 @@ class EncryptedModule:
         return out
 
 
-def _secret_shares(values: Iterable[Any]) -> List[torch.Tensor]:
-    """This party's shares of the arithmetic secrets among ``values``, each once, in order."""
-    seen: Dict[int, torch.Tensor] = {}
-    for v in values:
-        if ops.is_secret(v) and getattr(v, "ptype", None) == crypten.mpc.arithmetic:
-            seen.setdefault(id(v.share), v.share)
-    return list(seen.values())
+def _arithmetic_shares(values: Iterable[Any]) -> List[torch.Tensor]:
+    """This party's shares of the arithmetic secrets among ``values``, in order (the list and
+    its order follow the graph, the same on every party: no object identity involved)."""
+    return [v.share for v in values
+            if ops.is_secret(v) and getattr(v, "ptype", None) == crypten.mpc.arithmetic]
 
 
 def _node_label(index: int, name: str) -> str:
