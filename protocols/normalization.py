@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 def _normalise_last(x, eps: float, rsqrt: Callable):
     """(x - mean) * rsqrt(var + eps) over the last dimension of ``x``."""
     centred = x - x.mean(-1, keepdim=True)
-    if not _folds(centred) and _takes_count(rsqrt):
-        total, n = _sum_of_squares(centred.square(), eps)
-        return _times_rsqrt(centred, total, rsqrt, count=n)
-    var = _mean_square(centred)
-    return _times_rsqrt(centred, var + eps, rsqrt)
+    if _folds(centred):
+        var, count = _mean_square(centred) + eps, 1
+    else:
+        var, count = _variance(centred.square(), eps, rsqrt)
+    return _times_rsqrt(centred, var, rsqrt, count=count)
 
 
 def _takes_count(rsqrt: Callable) -> bool:
@@ -39,11 +39,15 @@ def _takes_count(rsqrt: Callable) -> bool:
     return getattr(rsqrt, "accepts_count", False) and getattr(rsqrt, "accepts_times", False)
 
 
-def _sum_of_squares(sq, eps: float):
-    """(n (var + eps), n) from the truncated squares ``sq`` (n per row): the SUM, not the mean,
-    whose division by n would be a truncation (two rounds); the rsqrt divides by n for free."""
-    n = sq.size(-1)
-    return sq.sum(-1, keepdim=True) + eps * n, n
+def _variance(sq, eps: float, rsqrt: Callable):
+    """(v, count) with v / count = var + eps, from the truncated squares ``sq`` (n per row).
+    Where ``rsqrt`` takes a count: the SUM n (var + eps) with count n, since the mean's
+    division by n would be a truncation (two rounds) and the rsqrt divides by n for free;
+    else the mean with count 1."""
+    if _takes_count(rsqrt):
+        n = sq.size(-1)
+        return sq.sum(-1, keepdim=True) + eps * n, n
+    return sq.mean(-1, keepdim=True) + eps, 1
 
 
 def _folds(t) -> bool:
@@ -58,14 +62,11 @@ def _folds(t) -> bool:
 
 
 def _mean_square(t):
-    """Mean of ``t^2`` over the last dimension (keepdim): the squares summed untruncated and
-    divided by n 2^f in one truncation where :func:`_folds` (2 rounds and the per-element
-    truncation's bytes fewer), else square (a truncation per element), then mean (one per
-    group)."""
-    if _folds(t):
-        total = square_untruncated(t).sum(-1, keepdim=True)  # n E[t^2] 2^(2f), raw integers
-        return total.div(t.size(-1) * int(t.encoder.scale))
-    return t.square().mean(-1, keepdim=True)
+    """Mean of ``t^2`` over the last dimension (keepdim) where :func:`_folds`: the squares
+    summed untruncated and divided by n 2^f in one truncation (2 rounds and the per-element
+    truncation's bytes fewer than squaring first; elsewhere :func:`_variance`)."""
+    total = square_untruncated(t).sum(-1, keepdim=True)  # n E[t^2] 2^(2f), raw integers
+    return total.div(t.size(-1) * int(t.encoder.scale))
 
 
 def _times_rsqrt(t, v, rsqrt: Callable, count: int = 1):
@@ -124,15 +125,12 @@ def _group_norm_secret_weight(x, num_groups, weight, bias, eps, rsqrt):
     w = w.reshape(n, num_groups, -1)
     if _folds(centred):  # (x - mean) w beside the one-truncation variance: rounds shared
         cw, var = run_together(lambda: centred * w, lambda: _mean_square(centred))
+        var, count = var + eps, 1
     else:
         prod = crypten_stack([centred, centred]) * crypten_stack([centred, w])
         sq, cw = prod[0], prod[1]
-        if _takes_count(rsqrt):
-            total, count = _sum_of_squares(sq, eps)
-            y = _times_rsqrt(cw, total, rsqrt, count=count).reshape(n, c, *spatial)
-            return _affine(y, None, bias, [1, c] + [1] * len(spatial))
-        var = sq.mean(-1, keepdim=True)
-    y = _times_rsqrt(cw, var + eps, rsqrt).reshape(n, c, *spatial)
+        var, count = _variance(sq, eps, rsqrt)
+    y = _times_rsqrt(cw, var, rsqrt, count=count).reshape(n, c, *spatial)
     return _affine(y, None, bias, [1, c] + [1] * len(spatial))
 
 

@@ -236,7 +236,7 @@ def relu_plus_window(x: MPCTensor, bound: float, pos: Sequence[float],
     s = square_untruncated(x)
     bits, (p, q) = run_together(lambda: sign_window(x, bound, square=s),
                                 lambda: both_sides(x, s, bound, pos, neg))
-    if len(bits) == 5:
+    if _narrow_comparisons():  # sign_window gave [x < 0], c, s, [x < T], [x < -T]
         # with [x < 0], [x < T] and [x < -T] every selector is LINEAR in the bits (x < -T
         # implies x < 0 implies x < T): f = x [x >= 0] + p [0 <= x < T] + q [-T <= x < 0], the
         # three bit-by-value products in ONE round instead of two in sequence
