@@ -107,10 +107,16 @@ def _knob_value(text):
 
 def _variant(variant, rank):
     """``protocols[+backend][@device][:knob=value,...]`` -> (protocols, backend, protocol
-    settings); e.g. ``optimised+rss:exp_squarings=5`` (a knob of ``protocols.config``)."""
+    settings); e.g. ``optimised+rss:exp_squarings=5`` (a knob of ``protocols.config``). The
+    knob suffix is the last ``:`` part and holds a ``=``, so a device may keep its index
+    (``optimised+rss@cpu:0``)."""
     from cipherdm_torch.protocols import recorded_ranges
 
-    variant, _, spec = variant.partition(":")
+    head, _, spec = variant.rpartition(":")
+    if "=" in spec:
+        variant = head
+    else:
+        spec = ""
     name, _, device = variant.partition("@")
     protocols, _, backend = name.partition("+")
     knobs = {}
