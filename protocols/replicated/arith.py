@@ -24,7 +24,8 @@ share-wise ops, reported through :mod:`cipherdm_torch.protocols.sharewise`), whi
 exactly when every input had one, on every party, and check only shapes.
 The only share edits CrypTen makes on one party alone (party 0 adding a public value
 in place: ``add_`` / ``sub_`` / ``index_add_`` / ``scatter_add_``) are wrapped to
-re-attach (add / sub) or drop (the others) the replica on every party. So by
+re-attach (add / sub) or drop (the others) the replica on every party; so is CrypTen's
+``.data`` alias, whose in-place edits do not move ``_version`` (it drops the replica). So by
 induction over the program (the same on every party) the answer of
 :func:`cached_next`, hence whether a party sends, is the same on all three parties.
 Every share this module returns is contiguous, on every party.

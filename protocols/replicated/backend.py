@@ -110,6 +110,9 @@ def _arithmetic_function(self, y, op, inplace=False, *args, **kwargs):
         # re-share the operands themselves (not CrypTen's internal clone), so the
         # replicas stay cached on them for their next use
         rss_arith.replicate_many([self.share] if y.share is self.share else [self.share, y.share])
+    if is_active() and op == "mul" and self.encoder.scale == 1 and (
+            isinstance(y, int) or is_tensor(y)):
+        return _scaled_by_public(self, y, inplace)
     if not is_active() or op not in ("add", "sub"):
         return _ORIG["_arithmetic_function"](self, y, op, inplace, *args, **kwargs)
     xn = rss_arith.cached_next(self.share)
@@ -125,6 +128,20 @@ def _arithmetic_function(self, y, op, inplace=False, *args, **kwargs):
     result = _ORIG["_arithmetic_function"](self, y, op, inplace, *args, **kwargs)
     if rep is not None and rep.shape == result.share.shape:
         rss_arith.remember(result.share, rep)
+    return result
+
+
+def _scaled_by_public(self, y, inplace):
+    """``x * w`` for an integer-scale ``x`` (bits, one-hots) and a public ``w``: CrypTen
+    multiplies each share by the encoded ``w`` and, at scale 1, does not truncate, so the
+    replica is ``x_{i+1} * w`` (e.g. a one-hot weighed by public integer weights keeps its
+    replica, and the product it goes into needs no re-share round)."""
+    xn = rss_arith.cached_next(self.share)
+    result = _ORIG["_arithmetic_function"](self, y, "mul", inplace)
+    if xn is not None and result.encoder.scale == 1:
+        rep = xn * self.encoder.encode(y, device=self.device)
+        if rep.shape == result.share.shape:
+            rss_arith.remember(result.share, rep)
     return result
 
 
@@ -219,6 +236,20 @@ def _rank0_inplace(name):
     return run
 
 
+def _data_alias(prop):
+    """``ArithmeticSharedTensor.data`` (CrypTen's ``share.data``), which drops the replica first:
+    ``.data`` is an alias with its own version counter, so an in-place edit through it (CrypTen's
+    ``weighted_index`` fills ``shifted.data`` on every party) does not move the share's
+    ``_version`` and would leave a stale replica. Dropped on every party alike (the same
+    program), whether or not the caller then edits."""
+    def get(self):
+        if is_active():
+            rss_arith.forget(self._tensor)
+        return prop.fget(self)
+
+    return property(get, prop.fset, doc=get.__doc__)
+
+
 def _pad(self, pad, mode="constant", value=0):
     """CrypTen's pad (party 0 pads with the encoded value, the others with 0), and the replica
     padded the same way: party 2's replica is the share ``x_0``."""
@@ -285,6 +316,7 @@ def install() -> None:
     _patch(ArithmeticSharedTensor, "clone", _clone)
     _patch(ArithmeticSharedTensor, "_arithmetic_function", _arithmetic_function)
     _patch(ArithmeticSharedTensor, "pad", _pad)
+    _patch(ArithmeticSharedTensor, "data", _data_alias(ArithmeticSharedTensor.__dict__["data"]))
     _patch(ArithmeticSharedTensor, "stack", staticmethod(_joined("stack", torch.stack)))
     _patch(ArithmeticSharedTensor, "cat", staticmethod(_joined("cat", torch.cat)))
     for name in _SHAREWISE + _SHAREWISE_MANY:

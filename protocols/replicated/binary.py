@@ -22,6 +22,9 @@ one bit of traffic.
   replicated arithmetic value (P0 sends one element to P1), then
   ``b = c + b_2 - 2 c b_2`` with a local re-randomised product: one round, only
   P0 sends; the output is a 3-out-of-3 additive share (CrypTen's layout).
+* :func:`b2a_bit_replicated`: the same injection with a *replicated* output in the same one
+  round (P0 sends two elements, P1 and P2 one each), for bits that go on into a product,
+  whose re-share round it saves; see its docstring.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 from cipherdm_torch.protocols.replicated import arith as ra
 
 __all__ = ["Pair", "random_bits", "bits_of", "to_planes", "to_planes32", "from_plane", "xor", "xor_public",
-           "and_many", "and_", "from_arith", "csa", "a2b", "msb", "b2a_bit", "b2a",
+           "and_many", "and_", "from_arith", "csa", "a2b", "msb", "b2a_bit", "b2a_bit_replicated", "b2a",
            "reveal_binary", "pack_bits", "unpack_bits"]
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -311,6 +314,50 @@ def b2a_bit(b: Pair) -> torch.Tensor:
         cp, b2p = (zero, rho), (b0, zero)
     z = ra.local_product(torch.mul, cp[0], cp[1], b2p[0], b2p[1])
     return cp[0] + b2p[0] - 2 * z
+
+
+def b2a_bit_replicated(b: Pair) -> torch.Tensor:
+    """Replicated arithmetic share (integer scale) of a replicated 0/1 bit in ONE round: this
+    party's share, with the replica attached (:func:`.arith.remember`).
+
+    Why: a bit from :func:`b2a_bit` is a 3-out-of-3 share, so the product it usually goes into
+    (a selection, ReLU) first re-shares it: a round of its own. Here the re-share rides in
+    the injection's round, for the same bytes in total (P0 two elements, P1 and P2 one).
+
+    ``b = b2 + c (1 - 2 b2)`` with ``c = b0 ^ b1`` known to P0 and ``b2`` known to P1 and P2.
+    Shares ``s0 = rho`` (P0-P2 stream), ``s1 = tau`` (P0-P1 stream), ``s2 = b - rho - tau``,
+    which P1 and P2 both need. Masks ``w`` (P0-P1 stream) and ``w'`` (P0-P2 stream):
+
+    * P0 -> P2: ``c + w``;   P1 -> P2: ``(1 - 2 b2) w + tau``;
+    * P0 -> P1: ``c + w'``;  P2 -> P1: ``(1 - 2 b2) w' + rho``;
+    * P2: ``s2 = (1 - 2 b2)(c + w) - ((1 - 2 b2) w + tau) + b2 - rho``, P1 symmetrically.
+
+    Each receiver's two messages are masked by two stream values it does not hold (``w`` and
+    ``tau`` for P2, ``w'`` and ``rho`` for P1): uniform and independent of the bit. P0
+    receives nothing. Both streams of a pair are drawn in the same order by its two holders.
+    """
+    rank, _ = ra._rank_ws()
+    b0, b1 = (t.to(torch.long) & 1 for t in b)
+    shape, dev = b0.shape, b0.device
+    if rank == 0:
+        c = b0 ^ b1
+        tau, w = ra.rand_ring(shape, "next", dev), ra.rand_ring(shape, "next", dev)
+        rho, w2 = ra.rand_ring(shape, "prev", dev), ra.rand_ring(shape, "prev", dev)
+        ra.exchange([(c + w, 2), (c + w2, 1)], [])
+        return ra.remember(rho, tau)
+    b2 = b1 if rank == 1 else b0  # P1 holds (b1, b2), P2 holds (b2, b0)
+    sign = 1 - 2 * b2
+    got_c = torch.empty(shape, dtype=torch.long, device=dev)
+    got_m = torch.empty(shape, dtype=torch.long, device=dev)
+    if rank == 1:
+        tau, w = ra.rand_ring(shape, "prev", dev), ra.rand_ring(shape, "prev", dev)
+        ra.exchange([(sign * w + tau, 2)], [(got_c, 0), (got_m, 2)])
+        s2 = sign * got_c - got_m + b2 - tau
+        return ra.remember(tau, s2)
+    rho, w2 = ra.rand_ring(shape, "next", dev), ra.rand_ring(shape, "next", dev)
+    ra.exchange([(sign * w2 + rho, 1)], [(got_c, 0), (got_m, 1)])
+    s2 = sign * got_c - got_m + b2 - rho
+    return ra.remember(s2, rho)
 
 
 def b2a(x: Pair, bits: int = 64) -> torch.Tensor:

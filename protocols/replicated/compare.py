@@ -8,9 +8,10 @@ Range: the sign bit is exact for every encoded value, i.e. for reals in
 ``[-2^47, 2^47)`` with CrypTen's 16 fractional bits (``x < c`` and ``max`` compute a
 difference, which must stay in that range). Cost per element of ``ltz``
 (bytes sent by P0): re-share of x if not cached 8 + carry-save AND 8 + generate AND 8
-+ bit-packed carry tree about 16 + bit injection 8 (only P0); 9 rounds. Inside
++ bit-packed carry tree about 16 + replicated bit injection 16 (P1, P2: 8); 9 rounds, and the
+bit comes out with its replica, so a product by it starts at once. Inside
 ``protocols.config.bounded_comparisons()`` (``compare_bits=32``) the sign is read mod 2^32:
-exact for reals in ``[-2^15, 2^15)``, 4 + 4 + about 8 + 8 bytes, 8 rounds.
+exact for reals in ``[-2^15, 2^15)``, 4 + 4 + about 8 + 16 bytes, 8 rounds.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ __all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_sha
 
 
 def ltz_share(x: torch.Tensor, bits: Optional[int] = None) -> torch.Tensor:
-    """Additive share (integer scale) of [x < 0] for this party's share ``x``, read in the ring
-    of ``bits`` bits (default: ``protocols.config`` field ``compare_bits``)."""
+    """Share (integer scale) of [x < 0] for this party's share ``x``, read in the ring of
+    ``bits`` bits (default: ``protocols.config`` field ``compare_bits``), with its replica
+    attached: the bit's usual next step, a product, needs no re-share round."""
     bits = config.current().compare_bits if bits is None else bits
-    return rb.b2a_bit(rb.msb(x, ra.replicate(x), bits))
+    return rb.b2a_bit_replicated(rb.msb(x, ra.replicate(x), bits))
 
 
 def _bit_tensor(share: torch.Tensor) -> MPCTensor:

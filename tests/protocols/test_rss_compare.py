@@ -192,3 +192,36 @@ def test_narrow_sign_is_exact_in_its_range_and_cheaper(parties):
     sent = {bits: sum(r[bits][1]["bytes_sent"] for r in results) / ring.numel() / 3
             for bits in (64, 32)}
     assert sent[32] <= sent[64] - 14, sent
+
+
+def _injection_body(bits):
+    rank = crypten.communicator.get().get_rank()
+    # a replicated binary sharing of the bits: bit 0 of an A2B of an arithmetic sharing
+    xs = _share_ints(bits)
+    one = tuple(t & 1 for t in rb.a2b(xs, ra.replicate(xs)))
+    with CostMeter() as m:
+        share = rb.b2a_bit_replicated(one)
+    replica = ra.cached_next(share)
+    # a product by the bit right after: no re-share round
+    with CostMeter() as mp:
+        prod = ra.local_product(torch.mul, share, replica, xs, ra.replicate(xs))
+    return {"rank": rank, "share": share, "replica": replica, "cost": m.total.as_dict(),
+            "product_rounds": mp.total.as_dict()["rounds"],
+            "product": crypten.communicator.get().all_reduce(prod)}
+
+
+def test_bit_injection_with_replica_in_one_round(parties):
+    """The replicated injection: the shares add up to the bit, party i's replica is party
+    i+1's share, one round, P0 sends 16 B and P1 / P2 8 B per bit, and a product by the bit
+    right after needs no re-share round (the round it saves)."""
+    bits = torch.randint(0, 2, (3000,), generator=torch.Generator().manual_seed(5))
+    results = sorted(parties.run(_injection_body, bits, timeout=300), key=lambda r: r["rank"])
+    shares = [r["share"] for r in results]
+    assert torch.equal(shares[0] + shares[1] + shares[2], bits)
+    for r in results:
+        assert torch.equal(r["replica"], shares[(r["rank"] + 1) % 3])
+        # one round: P1 and P2 wait for it; P0 only sends (a round is counted where one waits)
+        assert r["cost"]["rounds"] == (0 if r["rank"] == 0 else 1)
+        assert r["cost"]["bytes_sent"] == (16 if r["rank"] == 0 else 8) * bits.numel()
+        assert r["product_rounds"] == 0
+        assert torch.equal(r["product"], bits)
