@@ -261,10 +261,12 @@ def main(argv=None):
         print(_profile_table(v, p0["runs"][v], p0["ping_pong_s"]))
         every = [r["runs"][v]["cost"]["total"]["rounds"] for r in results]
         summary[v]["rounds_per_party"] = every
-        print(f"rounds per party {every} (the truncation helper, rotating, receives nothing, so "
-              f"one party's count can undercount the latency)")
+        print(f"rounds per party {every}, max {max(every)} (a party counts the rounds it waits "
+              f"for; the truncation helper and the comparisons' inputter (P0) only send in some, "
+              f"so compare the max: the rounds on the critical path are at least that)")
         print(f"per image (batch {args.batch}): {total['bytes_sent'] / 1e6 / args.batch:.3f} MB "
-              f"sent, {total['seconds'] / args.batch:.2f} s; rounds {total['rounds']}")
+              f"sent, {total['seconds'] / args.batch:.2f} s; rounds {total['rounds']} (party 0), "
+              f"{max(every)} (max over the parties)")
     for other in [v for v in args.variants if v != "baseline" and "baseline" in summary]:
         b, o = summary["baseline"], summary[other]
         print(f"\n== {other} / baseline ==")

@@ -60,10 +60,13 @@ def _largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
     """max(a, b, c) with ONE batched comparison (3 bits), one product of bits and one product
     of bits by values: a if a >= b and a >= c, else b if b >= c, else c. Exactly one of the
     selectors s_a = [a>=b][a>=c], s_b = [a<b][b>=c] and 1 - s_a - s_b is 1 (ties pick the
-    first), so max = c + s_a (a - c) + s_b (b - c). Bits have integer scale: no truncation."""
-    ge = 1 - crypten.stack([a - b, a - c, b - c])._ltz()  # [a>=b], [a>=c], [b>=c]
+    first), so max = c + s_a (a - c) + s_b (b - c). Bits have integer scale: no truncation.
+    The differences a - c and b - c are taken from the compared stack (on the rss backend
+    it was re-shared for the comparison, so the last product re-shares only the selectors)."""
+    diffs = crypten.stack([a - b, a - c, b - c])
+    ge = 1 - diffs._ltz()  # [a>=b], [a>=c], [b>=c]
     sel = crypten.stack([ge[0], 1 - ge[0]]) * crypten.stack([ge[1], ge[2]])  # s_a, s_b
-    picked = sel * crypten.stack([a - c, b - c])
+    picked = sel * diffs[1:]
     return c + picked[0] + picked[1]
 
 

@@ -12,9 +12,10 @@ one bit of traffic.
   XOR-sharing of zero from the pairwise keyed streams (:mod:`cipherdm_torch.mpc.prg`),
   then one re-share (each party sends its ``z_i`` to the previous party): one element per party,
   one round, any number of ANDs batched into the same round. No dealer.
-* :func:`a2b` converts a replicated arithmetic sharing: the three additive shares
-  are trivially binary-shared, a carry-save adder (one AND round) reduces them
-  to two words and a Kogge-Stone parallel-prefix adder (6 rounds) adds them.
+* :func:`a2b` converts a replicated arithmetic sharing ``x = y + x_2`` (``y = x_0 + x_1``
+  known to P0, ``x_2`` to P1 and P2): P0 inputs ``y`` and, in the same round, the generate
+  bits ``y & x_2`` come out replicated (:func:`generate_propagate`, a 3-party OT-style
+  exchange: no carry-save AND round), then a Kogge-Stone parallel-prefix adder (6 rounds).
 * :func:`msb` only needs the carry into bit 63: a binary tree over the bits
   (6 rounds of ANDs on bit planes, 64 elements per int64 word) instead of the full
   adder, about 24 bytes per element in total.
@@ -38,7 +39,7 @@ import torch
 from cipherdm_torch.protocols.replicated import arith as ra
 
 __all__ = ["Pair", "random_bits", "bits_of", "to_planes", "to_planes32", "from_plane", "xor", "xor_public",
-           "and_many", "and_", "from_arith", "csa", "a2b", "msb", "b2a_bit", "b2a_bit_replicated", "b2a",
+           "and_many", "and_", "generate_propagate", "a2b", "msb", "b2a_bit", "b2a_bit_replicated", "b2a",
            "reveal_binary", "pack_bits", "unpack_bits"]
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -164,35 +165,55 @@ def and_(x: Pair, y: Pair) -> Pair:
 
 # ---------------------------------------------------------------- arithmetic -> binary
 
-def from_arith(x: torch.Tensor, x_next: torch.Tensor) -> List[Pair]:
-    """Binary sharings of the three additive shares (x_0, x_1, x_2), locally."""
-    rank, _ = ra._rank_ws()
-    zero = torch.zeros_like(x)
-    out = []
-    for j in range(3):
-        first = x if j == rank else zero
-        second = x_next if j == (rank + 1) % 3 else zero
-        out.append((first, second))
-    return out
-
-
-def csa(u: Pair, v: Pair, w: Pair) -> Tuple[Pair, Pair]:
-    """Carry-save adder: u + v + w = s + 2c (bitwise), one AND round."""
-    s = xor(xor(u, v), w)
-    maj = xor(and_(xor(u, w), xor(v, w)), w)
-    return s, maj
-
-
 def _shl(x: Pair, k: int) -> Pair:
     return x[0] << k, x[1] << k
 
 
+def generate_propagate(x: torch.Tensor, x_next: torch.Tensor) -> Tuple[Pair, Pair]:
+    """(g, p) = (y & x_2, y ^ x_2) as replicated binary sharings, in ONE round, where
+    x = y + x_2 with y = x_0 + x_1 (P0 holds both) and x_2 held by P1 and P2: the start of a
+    two-operand adder, with no carry-save round before it (that took one AND round, and the
+    generate AND a second).
+
+    P0 inputs y as ``(rho, tau, s)`` with ``s = y ^ rho ^ tau`` (rho from the P0-P2 stream,
+    tau from P0-P1) and sends ``s`` to P1 and P2. g's shares are ``(alpha, beta,
+    g ^ alpha ^ beta)`` (alpha: P0-P2 stream, beta: P0-P1). P1 knows ``s ^ tau = y ^ rho``,
+    so ``x_2 & (s ^ tau) = g ^ (x_2 & rho)``; P2 sends it ``(x_2 & rho) ^ alpha`` and
+    symmetrically receives ``(x_2 & tau) ^ beta`` from P1. Each receiver's two words are
+    masked by stream values it does not hold (rho and alpha for P1, tau and beta for P2).
+    Words: P0 sends two, P1 and P2 one each (the carry-save and generate ANDs: two each).
+    Words may be int64 or int32 (the sum read mod 2^32)."""
+    rank, _ = ra._rank_ws()
+    dt, shape, dev = x.dtype, x.shape, x.device
+
+    def draw(which):
+        return ra.rand_ring(shape, which, dev).to(dt)
+
+    if rank == 0:
+        tau, beta = draw("next"), draw("next")
+        rho, alpha = draw("prev"), draw("prev")
+        s = (x + x_next) ^ rho ^ tau
+        ra.exchange([(s, 1), (s, 2)], [])
+        return (alpha, beta), (rho, tau)
+    got_s, got_t = torch.empty_like(x), torch.empty_like(x)
+    if rank == 1:  # holds (x_1, x_2)
+        x2 = x_next
+        tau, beta = draw("prev"), draw("prev")
+        ra.exchange([((x2 & tau) ^ beta, 2)], [(got_s, 0), (got_t, 2)])
+        g2 = (x2 & (got_s ^ tau)) ^ got_t ^ beta
+        return (beta, g2), (tau, got_s ^ x2)
+    x2 = x  # party 2 holds (x_2, x_0)
+    rho, alpha = draw("next"), draw("next")
+    ra.exchange([((x2 & rho) ^ alpha, 1)], [(got_s, 0), (got_t, 1)])
+    g2 = (x2 & (got_s ^ rho)) ^ got_t ^ alpha
+    return (g2, alpha), (got_s ^ x2, rho)
+
+
 def a2b(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
-    """Binary sharing of the replicated arithmetic value (x_i, x_{i+1}): 8 AND rounds."""
-    s, c = csa(*from_arith(x, x_next))
-    c = _shl(c, 1)
-    g = and_(s, c)
-    p = xor(s, c)
+    """Binary sharing of the replicated arithmetic value (x_i, x_{i+1}): 7 rounds (the
+    generate / propagate start, then 6 Kogge-Stone levels)."""
+    g, p = generate_propagate(x, x_next)
+    half_sum = p  # y ^ x_2; the carries are added to it at the end
     k = 1
     while k < 64:
         last = k * 2 >= 64
@@ -203,7 +224,7 @@ def a2b(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
             pg, p = and_many([(p, gs), (p, ps)])
         g = xor(g, pg)
         k *= 2
-    return xor(xor(s, c), _shl(g, 1))
+    return xor(half_sum, _shl(g, 1))
 
 
 def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
@@ -222,10 +243,7 @@ def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
         raise ValueError(f"msb reads a ring of 32 or 64 bits, not {bits}")
     if bits == 32:
         x, x_next = x.to(torch.int32), x_next.to(torch.int32)  # mod 2^32, two's complement
-    s, c = csa(*from_arith(x, x_next))
-    c = _shl(c, 1)
-    g = and_(s, c)
-    p = xor(s, c)
+    g, p = generate_propagate(x, x_next)
     # generate / propagate planes of bits 0..bits-2, with a zero plane below bit 0
     planes = to_planes if bits == 64 else to_planes32
     G = tuple(planes(t << 1) for t in g)
@@ -239,7 +257,7 @@ def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
             pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)])
         G = xor(g_hi, pg)
     carry = tuple(from_plane(t[0], x.shape) for t in G)
-    top = tuple(((s[k] ^ c[k]) >> (bits - 1)).to(torch.uint8) & 1 for k in range(2))
+    top = tuple((p[k] >> (bits - 1)).to(torch.uint8) & 1 for k in range(2))
     return xor(top, carry)
 
 

@@ -7,11 +7,12 @@ whatever ``crypten.cfg.mpc.protocol`` says, so they can also be called directly.
 Range: the sign bit is exact for every encoded value, i.e. for reals in
 ``[-2^47, 2^47)`` with CrypTen's 16 fractional bits (``x < c`` and ``max`` compute a
 difference, which must stay in that range). Cost per element of ``ltz``
-(bytes sent by P0): re-share of x if not cached 8 + carry-save AND 8 + generate AND 8
-+ bit-packed carry tree about 16 + replicated bit injection 16 (P1, P2: 8); 9 rounds, and the
-bit comes out with its replica, so a product by it starts at once. Inside
-``protocols.config.bounded_comparisons()`` (``compare_bits=32``) the sign is read mod 2^32:
-exact for reals in ``[-2^15, 2^15)``, 4 + 4 + about 8 + 16 bytes, 8 rounds.
+(bytes sent by P0; P1 and P2 send less): re-share of x if not cached 8 + generate /
+propagate start 16 (P1, P2: 8) + bit-packed carry tree about 16 + replicated bit injection 16
+(P1, P2: 8); 8 rounds, and the bit comes out with its replica, so a product by it starts at
+once. Inside ``protocols.config.bounded_comparisons()`` (``compare_bits=32``) the sign is read
+mod 2^32: exact for reals in ``[-2^15, 2^15)``, the start's words and the tree half as wide,
+7 rounds.
 """
 
 from __future__ import annotations

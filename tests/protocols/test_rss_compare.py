@@ -71,12 +71,16 @@ def test_binary_and_conversions_full_ring(parties):
         assert torch.equal(r["msb"].long(), (ring < 0).long())
         assert torch.equal(r["ltz_ring"], (ring < 0).long())
         assert r["and_cost"]["bytes_sent"] == 8 * 300 and r["and_cost"]["rounds"] == 1
-        # a2b: re-share + carry-save (1) + generate (1) + Kogge-Stone (6)
-        assert r["a2b_cost"]["rounds"] == 9, r["a2b_cost"]
-        # msb: re-share + carry-save + generate words (24 B) + bit-packed carry tree (~15.6 B)
+        # msb: re-share (8 B) + generate / propagate words (P0 16 B, P1 / P2 8 B) + bit-packed
+        # carry tree (~15.6 B)
         per = r["msb_cost"]["bytes_sent"] / ring.numel()
-        assert per <= 40.5, per
-        assert r["msb_cost"]["rounds"] == 9
+        assert per <= (40.5 if r["rank"] == 0 else 32.5), (r["rank"], per)
+    # a2b: re-share + generate / propagate (1) + Kogge-Stone (6); msb: re-share + generate /
+    # propagate + 6 carry-tree levels. P0 only sends in the generate / propagate round (a round
+    # is counted by the parties that wait for it): the others count one more.
+    for key, most in (("a2b_cost", 8), ("msb_cost", 8)):
+        counts = sorted(r[key]["rounds"] for r in results)
+        assert counts == [most - 1, most, most], (key, counts)
 
 
 def _compare_body(x, y, rows, cond, c):
@@ -174,8 +178,8 @@ def _narrow_body(ring, values):
 
 def test_narrow_sign_is_exact_in_its_range_and_cheaper(parties):
     """The sign read mod 2^32: exact for every encoded value in [-2^31, 2^31) (both ends,
-    and values whose high 32 bits would fool a wrong implementation), one round and ~16 B per
-    element cheaper than the full ring."""
+    and values whose high 32 bits would fool a wrong implementation), one round and ~13 B per
+    element (mean over the parties) cheaper than the full ring."""
     g = torch.Generator().manual_seed(8)
     lo, hi = -(2 ** 31), 2 ** 31 - 1
     ring = torch.cat([torch.randint(lo, hi, (4000,), generator=g),
@@ -191,7 +195,7 @@ def test_narrow_sign_is_exact_in_its_range_and_cheaper(parties):
         assert torch.equal(results[0][k], (values < 0.25).float()), k
     sent = {bits: sum(r[bits][1]["bytes_sent"] for r in results) / ring.numel() / 3
             for bits in (64, 32)}
-    assert sent[32] <= sent[64] - 14, sent
+    assert sent[32] <= sent[64] - 12, sent
 
 
 def _injection_body(bits):
