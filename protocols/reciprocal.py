@@ -11,12 +11,12 @@ locally: no multiplication, no truncation, no round. The mantissa m = x 2^-k lie
 [2^(r/s), 2^((r+1)/s)), where the bucket's minimax linear guess (:func:`bucket_guess`) has
 relative error 0.035% (1/sqrt x) for s = 8, 0.14% (1/sqrt x) or 0.38% (1/x) for s = 4 (2.2% /
 5.9% for s = 1), and one Newton step reaches the fixed-point resolution (two for s = 1;
-defaults: rsqrt s = 8 and no step, the guess is the result; reciprocal s = 1 and two steps, see
+defaults: rsqrt s = 8 and no step, the guess is the result; reciprocal s = 4 and one step, see
 :mod:`.config`). The weights that multiply x
 are encoded with :data:`GUESS_BITS` fractional bits (the product's truncation divides by
 2^GUESS_BITS instead of 2^16, same cost), so b_r 2^-k keeps its precision up to x ~ 2^24.
-Products in sequence: one comparison (about 10 rounds on
-the replicated backend) + 1 + 2 per iteration (1/x) or 2 per iteration + 1 (1/sqrt x).
+Products in sequence: one comparison (8 rounds on the replicated backend, 7 when bounded)
++ 1 + 2 per iteration (1/x) or 2 per iteration + 1 (1/sqrt x).
 With a calibrated input range (``magnitude_lo`` / ``magnitude_hi`` from
 :func:`cipherdm_torch.protocols.recorded_ranges.calibrated_settings`) the comparison covers
 only the powers of two inside that range with a margin: fewer bytes, same rounds.
