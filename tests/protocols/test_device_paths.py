@@ -94,3 +94,42 @@ def test_gpu_check_script_dry_runs(capsys):
     assert module.main(["--device", "cpu:0", "--skip-forward"]) == 0
     out = capsys.readouterr().out
     assert "DIFFERENT" not in out and "BROKEN" not in out and "all device checks passed" in out
+
+
+def _bench_module():
+    import importlib.util
+    import pathlib
+    import sys
+
+    bench = pathlib.Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_unet_forward",
+                                                      bench / "bench_unet_forward.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    return module
+
+
+def test_bench_variant_names_keep_the_device_index():
+    # check_cuda.py's forward runs "optimised+rss@cpu:0" (dry run) or "@cuda": the device's
+    # ":0" is not a knob suffix (a knob suffix holds "="); the GPU session of stop 18 found this
+    bench = _bench_module()
+    assert bench._variant("optimised+rss@cpu:0", 0) == ("optimised", "rss",
+                                                        {"product_device": "cpu:0"})
+    assert bench._variant("optimised+rss:exp_squarings=5", 0) == ("optimised", "rss",
+                                                                 {"exp_squarings": 5})
+    assert bench._variant("optimised+rss@cpu:0:exp_squarings=5,exp_clip=16.0", 1) == (
+        "optimised", "rss", {"exp_squarings": 5, "exp_clip": 16.0, "product_device": "cpu:0"})
+
+
+def test_bench_counts_the_rounds_in_which_any_party_waits():
+    bench = _bench_module()
+    # P0 only sends in the first exchange, P2 only in the second: three rounds, though each
+    # party's meter counts two
+    assert bench.protocol_rounds([[False, True, True], [True, True, False],
+                                  [True, False, True]]) == 3
+    assert bench.protocol_rounds([[True, False], [False, False], [True, False]]) == 1
+    assert bench.protocol_rounds([[True], [True, True], [True]]) is None  # logs do not line up
