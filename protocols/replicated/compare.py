@@ -61,7 +61,23 @@ def ge(x: MPCTensor, c: Union[MPCTensor, torch.Tensor, float]) -> MPCTensor:
 
 
 def _one_minus(bit: torch.Tensor) -> torch.Tensor:
-    return (1 - bit) if ra._rank_ws()[0] == 0 else -bit
+    """Share of 1 - b, with its replica when b has one (the public 1 is added to share x_0:
+    party 0's own share and party 2's replica)."""
+    rank = ra._rank_ws()[0]
+    out = (1 - bit) if rank == 0 else -bit
+    nxt = ra.cached_next(bit)
+    if nxt is not None:
+        ra.remember(out, (1 - nxt) if rank == 2 else -nxt)
+    return out
+
+
+def _expanded(share: torch.Tensor, shape) -> torch.Tensor:
+    """``share`` broadcast to ``shape`` (contiguous), with its replica broadcast the same way."""
+    out = share.expand(shape).contiguous()
+    nxt = ra.cached_next(share)
+    if nxt is not None:
+        ra.remember(out, nxt.expand(shape).contiguous())
+    return out
 
 
 def mul_bit_share(x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
@@ -92,7 +108,7 @@ def select(bit: MPCTensor, x: Union[MPCTensor, torch.Tensor, float],
     b = bit.share
     if b.shape != diff.share.shape:
         shape = torch.broadcast_shapes(b.shape, diff.share.shape)
-        b, d = b.expand(shape).contiguous(), diff.share.expand(shape).contiguous()
+        b, d = _expanded(b, shape), _expanded(diff.share, shape)
     else:
         d = diff.share
     out.share = mul_bit_share(d, b)
