@@ -25,7 +25,9 @@ u- = -2x/T - 1 (:func:`both_sides`; one of them is u) beside the comparison
 bits: relu(x) + c * (P+ + b * (P- - P+)). SiLU: 17 -> 12 rounds per call, for twice the
 polynomial's products. With the bits [x < 0], [x < T], [x < -T] of the rss backend the
 selection is x [x >= 0] + P+ [0 <= x < T] + P- [-T <= x < 0], selectors linear in the bits:
-one round of bit-by-value products instead of two (SiLU 10 -> 9 rounds per call).
+one round of bit-by-value products instead of two (SiLU 10 -> 9 rounds per call); since the
+comparison hands its bits out replicated (stop 18) that round is local: a fresh input costs 8
+rounds (the comparison's), the polynomial's rounds beside them.
 
 Why it is robust: x^2 is never truncated (:func:`square_untruncated`), so the
 window bit is exact for |x| < 46341 and everything computed for |x| >= T, even
