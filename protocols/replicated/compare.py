@@ -74,9 +74,7 @@ def _one_minus(bit: torch.Tensor) -> torch.Tensor:
 def _expanded(share: torch.Tensor, shape) -> torch.Tensor:
     """``share`` broadcast to ``shape`` (contiguous), with its replica broadcast the same way."""
     out = share.expand(shape).contiguous()
-    nxt = ra.cached_next(share)
-    if nxt is not None:
-        ra.remember(out, nxt.expand(shape).contiguous())
+    ra.carry_local_op([share], out, lambda reps: reps[0].expand(shape).contiguous())
     return out
 
 
