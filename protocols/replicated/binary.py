@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import List, Sequence, Tuple, Union
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import torch
 
 from cipherdm_torch.protocols.replicated import arith as ra
 
 __all__ = ["Pair", "random_bits", "bits_of", "to_planes", "to_planes32", "from_plane", "xor", "xor_public",
-           "and_many", "and_", "generate_propagate", "a2b", "msb", "b2a_bit", "b2a_bit_replicated", "b2a",
+           "and_many", "and_", "generate_propagate", "a2b", "msb", "msb_arith", "b2a_bit",
+           "b2a_bit_replicated", "b2a",
            "reveal_binary", "pack_bits", "unpack_bits"]
 
 Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -182,7 +183,23 @@ def generate_propagate(x: torch.Tensor, x_next: torch.Tensor) -> Tuple[Pair, Pai
     symmetrically receives ``(x_2 & tau) ^ beta`` from P1. Each receiver's two words are
     masked by stream values it does not hold (rho and alpha for P1, tau and beta for P2).
     Words: P0 sends two, P1 and P2 one each (the carry-save and generate ANDs: two each).
-    Words may be int64 or int32 (the sum read mod 2^32)."""
+    Words may be int64, int32 or int16 (the sum read mod 2^32 / 2^16)."""
+    return _one_round(_generate_propagate_start(x, x_next))
+
+
+Step = Tuple[list, list, Callable[[], Any]]  # (sends, receives, finish): one round's share
+
+
+def _one_round(*steps: Step):
+    """Run the messages of several independent one-round steps as ONE exchange; the finished
+    results in order (a single step: its result)."""
+    ra.exchange([m for s in steps for m in s[0]], [m for s in steps for m in s[1]])
+    out = [s[2]() for s in steps]
+    return out[0] if len(out) == 1 else out
+
+
+def _generate_propagate_start(x: torch.Tensor, x_next: torch.Tensor) -> Step:
+    """:func:`generate_propagate` as messages and a finish step (to share its round)."""
     rank, _ = ra._rank_ws()
     dt, shape, dev = x.dtype, x.shape, x.device
 
@@ -193,20 +210,25 @@ def generate_propagate(x: torch.Tensor, x_next: torch.Tensor) -> Tuple[Pair, Pai
         tau, beta = draw("next"), draw("next")
         rho, alpha = draw("prev"), draw("prev")
         s = (x + x_next) ^ rho ^ tau
-        ra.exchange([(s, 1), (s, 2)], [])
-        return (alpha, beta), (rho, tau)
+        return [(s, 1), (s, 2)], [], lambda: ((alpha, beta), (rho, tau))
     got_s, got_t = torch.empty_like(x), torch.empty_like(x)
     if rank == 1:  # holds (x_1, x_2)
         x2 = x_next
         tau, beta = draw("prev"), draw("prev")
-        ra.exchange([((x2 & tau) ^ beta, 2)], [(got_s, 0), (got_t, 2)])
-        g2 = (x2 & (got_s ^ tau)) ^ got_t ^ beta
-        return (beta, g2), (tau, got_s ^ x2)
+
+        def finish1():
+            g2 = (x2 & (got_s ^ tau)) ^ got_t ^ beta
+            return (beta, g2), (tau, got_s ^ x2)
+
+        return [((x2 & tau) ^ beta, 2)], [(got_s, 0), (got_t, 2)], finish1
     x2 = x  # party 2 holds (x_2, x_0)
     rho, alpha = draw("next"), draw("next")
-    ra.exchange([((x2 & rho) ^ alpha, 1)], [(got_s, 0), (got_t, 1)])
-    g2 = (x2 & (got_s ^ rho)) ^ got_t ^ alpha
-    return (g2, alpha), (got_s ^ x2, rho)
+
+    def finish2():
+        g2 = (x2 & (got_s ^ rho)) ^ got_t ^ alpha
+        return (g2, alpha), (got_s ^ x2, rho)
+
+    return [((x2 & rho) ^ alpha, 1)], [(got_s, 0), (got_t, 1)], finish2
 
 
 def a2b(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
@@ -227,6 +249,42 @@ def a2b(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
     return xor(half_sum, _shl(g, 1))
 
 
+def _narrow(x: torch.Tensor, x_next: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The shares read mod 2^bits (two's complement words of that width): local."""
+    if bits not in (32, 64):
+        raise ValueError(f"msb reads a ring of 32 or 64 bits, not {bits}")
+    if bits == 32:
+        return x.to(torch.int32), x_next.to(torch.int32)
+    return x, x_next
+
+
+def _carry_planes(g: Pair, p: Pair, bits: int, keep_last: bool = False):
+    """Carry into the top bit by a binary tree over bit planes (one AND round per level).
+
+    Returns the carry's plane pair, or with ``keep_last`` the last level's operands
+    ``(g_hi, p_hi, g_lo)`` before its AND (carry = g_hi ^ (p_hi & g_lo)) for a caller that
+    merges that AND into its next round."""
+    planes = to_planes if bits == 64 else to_planes32
+    # generate / propagate planes of bits 0..bits-2, with a zero plane below bit 0
+    G = tuple(planes(t << 1) for t in g)
+    P = tuple(planes(t << 1) for t in p)
+    while G[0].shape[0] > 1:
+        g_lo, g_hi = tuple(t[0::2] for t in G), tuple(t[1::2] for t in G)
+        p_lo, p_hi = tuple(t[0::2] for t in P), tuple(t[1::2] for t in P)
+        if G[0].shape[0] == 2:
+            if keep_last:
+                return g_hi, p_hi, g_lo
+            (pg,) = and_many([(p_hi, g_lo)])
+        else:
+            pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)])
+        G = xor(g_hi, pg)
+    return G
+
+
+def _top_bit(p: Pair, bits: int) -> Pair:
+    return tuple((p[k] >> (bits - 1)).to(torch.uint8) & 1 for k in range(2))
+
+
 def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
     """Binary sharing (0/1 uint8) of the sign bit of the replicated arithmetic value, read in
     the ring of ``bits`` bits (64, or 32: the top bit of x mod 2^32).
@@ -239,26 +297,58 @@ def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
     The carry tree runs on bit planes (:func:`to_planes`): at every level the ANDs, the zero
     sharings and the messages are whole int64 words of 64 elements' bits, nothing is unpacked
     until the final carry."""
-    if bits not in (32, 64):
-        raise ValueError(f"msb reads a ring of 32 or 64 bits, not {bits}")
-    if bits == 32:
-        x, x_next = x.to(torch.int32), x_next.to(torch.int32)  # mod 2^32, two's complement
+    x, x_next = _narrow(x, x_next, bits)
     g, p = generate_propagate(x, x_next)
-    # generate / propagate planes of bits 0..bits-2, with a zero plane below bit 0
-    planes = to_planes if bits == 64 else to_planes32
-    G = tuple(planes(t << 1) for t in g)
-    P = tuple(planes(t << 1) for t in p)
-    while G[0].shape[0] > 1:
-        g_lo, g_hi = tuple(t[0::2] for t in G), tuple(t[1::2] for t in G)
-        p_lo, p_hi = tuple(t[0::2] for t in P), tuple(t[1::2] for t in P)
-        if G[0].shape[0] == 2:
-            (pg,) = and_many([(p_hi, g_lo)])
-        else:
-            pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)])
-        G = xor(g_hi, pg)
+    G = _carry_planes(g, p, bits)
     carry = tuple(from_plane(t[0], x.shape) for t in G)
-    top = tuple((p[k] >> (bits - 1)).to(torch.uint8) & 1 for k in range(2))
-    return xor(top, carry)
+    return xor(_top_bit(p, bits), carry)
+
+
+def msb_arith(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> torch.Tensor:
+    """Replicated ARITHMETIC share (integer scale, replica attached) of the sign bit of the
+    replicated arithmetic value ``(x, x_next)``, read mod 2^bits: what :func:`msb` followed
+    by :func:`b2a_bit_replicated` gives, in one round fewer.
+
+    Why: the bit injection needs the finished bit, so it cost a round after the carry tree's
+    last AND. Here a random bit ``rho`` (XOR-shared from the pairwise streams) is injected
+    instead, in the generate / propagate round (same messages as injecting the real bit, so
+    the same bytes), and the last AND is merged with an OPENING of ``msb ^ rho``:
+
+    * the last level's AND ``p_hi & g_lo`` leaves each party a 3-out-of-3 XOR share ``z_i``
+      (no message); party i XORs in share i of ``g_hi``, of the top bit and of ``rho``, and a
+      share of a pseudo-random XOR sharing of zero (both its streams), so ``e_0 ^ e_1 ^ e_2 =
+      msb ^ rho`` and each ``e_j`` alone is uniform to the other parties;
+    * every party sends its ``e_i`` to both others (one bit per element each, packed), so all
+      learn ``c = msb ^ rho``: uniform, since no party knows ``rho``;
+    * ``msb = c + (1 - 2c) rho``: local on the replicated arithmetic sharing of ``rho`` (P0
+      adds ``c`` to its share, P2 to its replica).
+
+    Rounds: generate / propagate and injection 1, carry tree levels but the last
+    (log2(bits) - 1), opening 1: 6 for 32 bits, 7 for 64 (8 and 7 before). Bytes: the
+    injection's (P0 16, P1 / P2 8 per element) as before, plus 2 bits per element per party
+    for the opening instead of the last AND's 1 bit."""
+    rank, _ = ra._rank_ws()
+    x, x_next = _narrow(x, x_next, bits)
+    shape, dev = x.shape, x.device
+    rho = (ra.rand_bits(shape, "prev", dev), ra.rand_bits(shape, "next", dev))
+    (g, p), rho_arith = _one_round(_generate_propagate_start(x, x_next), _inject_start(rho))
+    rho_next = ra.cached_next(rho_arith)
+    g_hi, p_hi, g_lo = _carry_planes(g, p, bits, keep_last=True)
+    # this party's 3-out-of-3 XOR share of g_hi ^ (p_hi & g_lo), on bit planes
+    z = (p_hi[0] & (g_lo[0] ^ g_lo[1])) ^ (p_hi[1] & g_lo[0]) ^ g_hi[0]
+    e = from_plane(z[0], shape) ^ _top_bit(p, bits)[0] ^ rho[0] ^ _bit_zero_share(shape, dev)
+    packed = pack_bits(e)
+    from_prev, from_next = torch.empty_like(packed), torch.empty_like(packed)
+    ra.exchange([(packed, (rank + 1) % 3), (packed, (rank - 1) % 3)],
+                [(from_prev, (rank - 1) % 3), (from_next, (rank + 1) % 3)])
+    c = (e ^ unpack_bits(from_prev, shape) ^ unpack_bits(from_next, shape)).to(torch.long)
+    sign = 1 - 2 * c
+    share, nxt = sign * rho_arith, sign * rho_next
+    if rank == 0:
+        share = share + c
+    elif rank == 2:
+        nxt = nxt + c
+    return ra.remember(share.contiguous(), nxt.contiguous())
 
 
 # ---------------------------------------------------------------- bit planes
@@ -354,6 +444,11 @@ def b2a_bit_replicated(b: Pair) -> torch.Tensor:
     ``tau`` for P2, ``w'`` and ``rho`` for P1): uniform and independent of the bit. P0
     receives nothing. Both streams of a pair are drawn in the same order by its two holders.
     """
+    return _one_round(_inject_start(b))
+
+
+def _inject_start(b: Pair) -> Step:
+    """:func:`b2a_bit_replicated` as messages and a finish step (to share its round)."""
     rank, _ = ra._rank_ws()
     b0, b1 = (t.to(torch.long) & 1 for t in b)
     shape, dev = b0.shape, b0.device
@@ -361,21 +456,18 @@ def b2a_bit_replicated(b: Pair) -> torch.Tensor:
         c = b0 ^ b1
         tau, w = ra.rand_ring(shape, "next", dev), ra.rand_ring(shape, "next", dev)
         rho, w2 = ra.rand_ring(shape, "prev", dev), ra.rand_ring(shape, "prev", dev)
-        ra.exchange([(c + w, 2), (c + w2, 1)], [])
-        return ra.remember(rho, tau)
+        return [(c + w, 2), (c + w2, 1)], [], lambda: ra.remember(rho, tau)
     b2 = b1 if rank == 1 else b0  # P1 holds (b1, b2), P2 holds (b2, b0)
     sign = 1 - 2 * b2
     got_c = torch.empty(shape, dtype=torch.long, device=dev)
     got_m = torch.empty(shape, dtype=torch.long, device=dev)
     if rank == 1:
         tau, w = ra.rand_ring(shape, "prev", dev), ra.rand_ring(shape, "prev", dev)
-        ra.exchange([(sign * w + tau, 2)], [(got_c, 0), (got_m, 2)])
-        s2 = sign * got_c - got_m + b2 - tau
-        return ra.remember(tau, s2)
+        return ([(sign * w + tau, 2)], [(got_c, 0), (got_m, 2)],
+                lambda: ra.remember(tau, sign * got_c - got_m + b2 - tau))
     rho, w2 = ra.rand_ring(shape, "next", dev), ra.rand_ring(shape, "next", dev)
-    ra.exchange([(sign * w2 + rho, 1)], [(got_c, 0), (got_m, 1)])
-    s2 = sign * got_c - got_m + b2 - rho
-    return ra.remember(s2, rho)
+    return ([(sign * w2 + rho, 1)], [(got_c, 0), (got_m, 1)],
+            lambda: ra.remember(sign * got_c - got_m + b2 - rho, rho))
 
 
 def b2a(x: Pair, bits: int = 64) -> torch.Tensor:

@@ -37,7 +37,7 @@ def ltz_share(x: torch.Tensor, bits: Optional[int] = None) -> torch.Tensor:
     ``bits`` bits (default: ``protocols.config`` field ``compare_bits``), with its replica
     attached: the bit's usual next step, a product, needs no re-share round."""
     bits = config.current().compare_bits if bits is None else bits
-    return rb.b2a_bit_replicated(rb.msb(x, ra.replicate(x), bits))
+    return rb.msb_arith(x, ra.replicate(x), bits)
 
 
 def _bit_tensor(share: torch.Tensor) -> MPCTensor:
