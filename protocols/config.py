@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, Optional
 
 __all__ = ["Settings", "FUNCTIONS", "VARIANTS", "TRUNCATIONS", "BACKENDS", "use", "current",
-           "bounded_comparisons", "truncation_is_exact",
+           "bounded_comparisons", "coarse_comparisons", "truncation_is_exact",
            "snapshot_stack", "adopt_stack"]
 
 VARIANTS = ("baseline", "optimised")
@@ -122,6 +122,16 @@ class Settings:
     # backends always compare at full width.
     compare_bits: int = 64
     bounded_compare_bits: int = 32
+    # rss comparisons whose answer may be off near zero (the softmax row max: a max that
+    # picks an entry up to 2^(s+1-f) below the largest is as good for exp(x - max), softmax
+    # being shift-invariant): each share drops its low ``coarse_compare_shift`` bits locally
+    # and the sign is read mod 2^16: exact for encoded values outside [0, 2^(s+1)) inside
+    # [-2^(15+s) + 2^(s+1), 2^(15+s)), i.e. differences of logits below 2^(15+s-f) = 512 at
+    # s = 10, f = 16 (zone 2^-5); one carry-tree level (one round) less than 32 bits and
+    # half the words. None: such blocks take bounded_compare_bits. compare_shift is the
+    # active shift (0 outside such blocks)
+    coarse_compare_shift: Optional[int] = 10
+    compare_shift: int = 0
     # where the rss backend's local ring products (matmul, convolutions: float64 limbs) run:
     # None (with the shares, in host memory) or a torch device string ("cuda", "cuda:1"). The
     # shares, the channel and the PRG streams stay on the host; results are bit for bit the
@@ -190,8 +200,13 @@ def use(variant: Optional[str] = None, *, backend: Optional[str] = None,
             _check_variant(key, value)
         if key == "truncation" and value not in TRUNCATIONS:
             raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {value!r}")
-        if key in ("compare_bits", "bounded_compare_bits") and value not in (32, 64):
+        if key == "compare_bits" and value not in (16, 32, 64):
+            raise ValueError(f"{key} must be 16, 32 or 64, got {value!r}")
+        if key == "bounded_compare_bits" and value not in (32, 64):
             raise ValueError(f"{key} must be 32 or 64, got {value!r}")
+        if key in ("compare_shift", "coarse_compare_shift") and value is not None and (
+                not isinstance(value, int) or not 0 <= value <= 48):
+            raise ValueError(f"{key} must be an int in [0, 48], got {value!r}")
         if key == "product_device" and value is not None:
             value = _check_device(value)
         changes[key] = value
@@ -220,7 +235,20 @@ def truncation_is_exact() -> bool:
 @contextmanager
 def bounded_comparisons() -> Iterator[Settings]:
     """A block whose comparisons take values bounded by design (see ``compare_bits``)."""
-    with use(compare_bits=current().bounded_compare_bits) as settings:
+    with use(compare_bits=current().bounded_compare_bits, compare_shift=0) as settings:
+        yield settings
+
+
+@contextmanager
+def coarse_comparisons() -> Iterator[Settings]:
+    """A block whose comparisons may err just above zero (see ``coarse_compare_shift``):
+    16-bit comparisons after a local shift, or the bounded ones where the knob is None."""
+    shift = current().coarse_compare_shift
+    if shift is None:
+        with bounded_comparisons() as settings:
+            yield settings
+        return
+    with use(compare_bits=16, compare_shift=shift) as settings:
         yield settings
 
 

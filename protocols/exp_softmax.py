@@ -120,16 +120,20 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
     cfg = config.current()
     dim = dim % x.dim()
     n = x.size(dim)
-    # the row max compares differences of logits and exp's clip x - max + bound: bounded by
-    # the logits' spread, so on the rss backend these comparisons are read mod 2^32
-    # (config.bounded_comparisons: exact while logits differ by less than 2^(31-f) - 32)
-    with config.bounded_comparisons():
+    # the row max compares differences of logits: on the rss backend coarsely
+    # (config.coarse_comparisons: 16-bit signs after a local shift s, exact while logits
+    # differ by less than 2^(15+s-f) = 512; each level may keep an entry up to 2^(s+1-f) =
+    # 1/32 below the larger one, and softmax is shift-invariant: exp's input then reaches
+    # at most ~0.2 above zero, where it is as accurate). exp's clip x - max + bound is
+    # bounded by the logits' spread: read mod 2^32 (config.bounded_comparisons)
+    with config.coarse_comparisons():
         if cfg.softmax_max_method == "crypten":
             top = x.max(dim, keepdim=True)[0]
         elif cfg.softmax_max_method == "tree3":
             top = ternary_max(x, dim, keepdim=True)
         else:
             top = row_max(x, dim)
+    with config.bounded_comparisons():
         # the row max is a sum of products (no replica on the replicated backend): prepared at
         # its own size (one entry per row), x - top and both of exp's branches inherit that,
         # instead of each branch re-sharing its own copy of the whole x - top

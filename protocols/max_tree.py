@@ -62,7 +62,13 @@ def _largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
     selectors s_a = [a>=b][a>=c], s_b = [a<b][b>=c] and 1 - s_a - s_b is 1 (ties pick the
     first), so max = c + s_a (a - c) + s_b (b - c). Bits have integer scale: no truncation.
     The differences a - c and b - c are taken from the compared stack (on the rss backend
-    it was re-shared for the comparison, so the last product re-shares only the selectors)."""
+    it was re-shared for the comparison, so the last product re-shares only the selectors).
+    On the rss backend the selection rides on masked comparison bits and costs no round
+    (:func:`cipherdm_torch.protocols.replicated.compare.largest_of_three`)."""
+    if crypten.cfg.mpc.protocol == "rss":
+        from cipherdm_torch.protocols.replicated import compare  # the backend is a plug-in
+
+        return compare.largest_of_three(a, b, c)
     diffs = crypten.stack([a - b, a - c, b - c])
     ge = 1 - diffs._ltz()  # [a>=b], [a>=c], [b>=c]
     sel = crypten.stack([ge[0], 1 - ge[0]]) * crypten.stack([ge[1], ge[2]])  # s_a, s_b

@@ -30,16 +30,17 @@ one bit of traffic.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from cipherdm_torch.protocols.replicated import arith as ra
 
-__all__ = ["Pair", "random_bits", "bits_of", "to_planes", "to_planes32", "from_plane", "xor", "xor_public",
-           "and_many", "and_", "generate_propagate", "a2b", "msb", "msb_arith", "b2a_bit",
+__all__ = ["Pair", "random_bits", "bits_of", "to_planes", "to_planes32", "to_planes_narrow", "from_plane", "xor", "xor_public",
+           "and_many", "and_", "generate_propagate", "a2b", "msb", "msb_masked", "msb_arith", "unmask", "b2a_bit",
            "b2a_bit_replicated", "b2a",
            "reveal_binary", "pack_bits", "unpack_bits"]
 
@@ -120,8 +121,9 @@ def random_bits(shape: Sequence[int], bits: int = 64, device: ra.Device = None) 
 
 # ---------------------------------------------------------------- AND
 
-def and_many(pairs: Sequence[Tuple[Pair, Pair]]) -> List[Pair]:
-    """AND of several (x, y) pairs of binary sharings in a single round."""
+def and_many(pairs: Sequence[Tuple[Pair, Pair]], extra: Sequence["Step"] = ()) -> List[Pair]:
+    """AND of several (x, y) pairs of binary sharings in a single round (``extra``: other
+    one-round steps whose messages ride in the same round; their finish runs after it)."""
     rank, ws = ra._rank_ws()
     zs = []
     for (xa, xb), (ya, yb) in pairs:
@@ -142,7 +144,10 @@ def and_many(pairs: Sequence[Tuple[Pair, Pair]]) -> List[Pair]:
         bbuf = torch.empty_like(packed)
         sends.append((packed, (rank - 1) % ws))
         recvs.append((bbuf, (rank + 1) % ws))
-    ra.exchange(sends, recvs)
+    ra.exchange(sends + [m for st in extra for m in st[0]],
+                recvs + [m for st in extra for m in st[1]])
+    for st in extra:
+        st[2]()
     out: List[Pair] = [None] * len(zs)  # type: ignore[list-item]
     for g, words in enumerate(groups):
         got, pos = recvs[g][0], 0
@@ -249,22 +254,37 @@ def a2b(x: torch.Tensor, x_next: torch.Tensor) -> Pair:
     return xor(half_sum, _shl(g, 1))
 
 
-def _narrow(x: torch.Tensor, x_next: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The shares read mod 2^bits (two's complement words of that width): local."""
-    if bits not in (32, 64):
-        raise ValueError(f"msb reads a ring of 32 or 64 bits, not {bits}")
-    if bits == 32:
-        return x.to(torch.int32), x_next.to(torch.int32)
+_WORD = {64: torch.long, 32: torch.int32, 16: torch.int16}
+
+
+def _narrow(x: torch.Tensor, x_next: torch.Tensor, bits: int, shift: int = 0
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The shares shifted right by ``shift`` bits and read mod 2^bits (two's complement words
+    of that width): local.
+
+    Each share drops its own low bits, so the sum of the shifted shares is
+    ``floor(x / 2^shift) - k`` with ``k`` in {0, 1, 2} (the carries the dropped bits would
+    have made): its sign is that of x, except for ``0 <= x < 2^(shift + 1)``, which may read
+    as negative (a one-sided error zone; none for ``shift = 0``)."""
+    if bits not in _WORD:
+        raise ValueError(f"msb reads a ring of 16, 32 or 64 bits, not {bits}")
+    if not 0 <= shift <= 64 - bits:
+        raise ValueError(f"shift must be in [0, {64 - bits}] for {bits} bits, not {shift}")
+    if shift:
+        x, x_next = x >> shift, x_next >> shift
+    if bits < 64:
+        return x.to(_WORD[bits]), x_next.to(_WORD[bits])
     return x, x_next
 
 
-def _carry_planes(g: Pair, p: Pair, bits: int, keep_last: bool = False):
+def _carry_planes(g: Pair, p: Pair, bits: int, keep_last: bool = False,
+                  extra: Sequence["Step"] = ()):
     """Carry into the top bit by a binary tree over bit planes (one AND round per level).
 
     Returns the carry's plane pair, or with ``keep_last`` the last level's operands
     ``(g_hi, p_hi, g_lo)`` before its AND (carry = g_hi ^ (p_hi & g_lo)) for a caller that
-    merges that AND into its next round."""
-    planes = to_planes if bits == 64 else to_planes32
+    merges that AND into its next round. ``extra`` steps ride in the first AND round."""
+    planes = to_planes if bits == 64 else functools.partial(to_planes_narrow, width=bits)
     # generate / propagate planes of bits 0..bits-2, with a zero plane below bit 0
     G = tuple(planes(t << 1) for t in g)
     P = tuple(planes(t << 1) for t in p)
@@ -274,9 +294,10 @@ def _carry_planes(g: Pair, p: Pair, bits: int, keep_last: bool = False):
         if G[0].shape[0] == 2:
             if keep_last:
                 return g_hi, p_hi, g_lo
-            (pg,) = and_many([(p_hi, g_lo)])
+            (pg,) = and_many([(p_hi, g_lo)], extra)
         else:
-            pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)])
+            pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)], extra)
+        extra = ()
         G = xor(g_hi, pg)
     return G
 
@@ -285,7 +306,7 @@ def _top_bit(p: Pair, bits: int) -> Pair:
     return tuple((p[k] >> (bits - 1)).to(torch.uint8) & 1 for k in range(2))
 
 
-def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
+def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0) -> Pair:
     """Binary sharing (0/1 uint8) of the sign bit of the replicated arithmetic value, read in
     the ring of ``bits`` bits (64, or 32: the top bit of x mod 2^32).
 
@@ -296,21 +317,24 @@ def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> Pair:
 
     The carry tree runs on bit planes (:func:`to_planes`): at every level the ANDs, the zero
     sharings and the messages are whole int64 words of 64 elements' bits, nothing is unpacked
-    until the final carry."""
-    x, x_next = _narrow(x, x_next, bits)
+    until the final carry. ``shift``: see :func:`_narrow` (16 bits: one tree level less
+    again, for values bounded by 2^(15 + shift), with a one-sided error zone)."""
+    x, x_next = _narrow(x, x_next, bits, shift)
     g, p = generate_propagate(x, x_next)
     G = _carry_planes(g, p, bits)
     carry = tuple(from_plane(t[0], x.shape) for t in G)
     return xor(_top_bit(p, bits), carry)
 
 
-def msb_arith(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> torch.Tensor:
-    """Replicated ARITHMETIC share (integer scale, replica attached) of the sign bit of the
-    replicated arithmetic value ``(x, x_next)``, read mod 2^bits: what :func:`msb` followed
-    by :func:`b2a_bit_replicated` gives, in one round fewer.
+def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0,
+               during: Optional[Callable[[torch.Tensor], Sequence[torch.Tensor]]] = None):
+    """The sign bit of the replicated arithmetic value ``(x, x_next)`` (read mod 2^bits) in
+    MASKED form ``(c, rho, extra)``: ``c`` public (uint8, the same on every party), ``rho``
+    this party's replicated arithmetic share (integer scale, replica attached) of a random bit
+    no party knows, and ``msb = c ^ rho = c + (1 - 2c) rho``.
 
     Why: the bit injection needs the finished bit, so it cost a round after the carry tree's
-    last AND. Here a random bit ``rho`` (XOR-shared from the pairwise streams) is injected
+    last AND. Here the random bit ``rho`` (XOR-shared from the pairwise streams) is injected
     instead, in the generate / propagate round (same messages as injecting the real bit, so
     the same bytes), and the last AND is merged with an OPENING of ``msb ^ rho``:
 
@@ -319,21 +343,25 @@ def msb_arith(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> torch.Te
       share of a pseudo-random XOR sharing of zero (both its streams), so ``e_0 ^ e_1 ^ e_2 =
       msb ^ rho`` and each ``e_j`` alone is uniform to the other parties;
     * every party sends its ``e_i`` to both others (one bit per element each, packed), so all
-      learn ``c = msb ^ rho``: uniform, since no party knows ``rho``;
-    * ``msb = c + (1 - 2c) rho``: local on the replicated arithmetic sharing of ``rho`` (P0
-      adds ``c`` to its share, P2 to its replica).
+      learn ``c = msb ^ rho``: uniform, since no party knows ``rho``.
+
+    Because ``rho`` is known a few rounds before ``c``, products of the bit can be prepared
+    meanwhile: ``during(rho)`` (optional) returns 3-out-of-3 shares (e.g. products of several
+    comparisons' ``rho``) that are re-shared in the carry tree's first AND round, at no round
+    of their own; ``extra`` is the list of them, replicated (replica attached).
 
     Rounds: generate / propagate and injection 1, carry tree levels but the last
-    (log2(bits) - 1), opening 1: 6 for 32 bits, 7 for 64 (8 and 7 before). Bytes: the
-    injection's (P0 16, P1 / P2 8 per element) as before, plus 2 bits per element per party
-    for the opening instead of the last AND's 1 bit."""
+    (log2(bits) - 1), opening 1: 6 for 32 bits, 7 for 64. Bytes: the injection's (P0 16,
+    P1 / P2 8 per element), the tree's, and 2 bits per element per party for the opening.
+    ``bits`` 16 with a ``shift`` (:func:`_narrow`): 5 rounds, for bounded values."""
     rank, _ = ra._rank_ws()
-    x, x_next = _narrow(x, x_next, bits)
+    x, x_next = _narrow(x, x_next, bits, shift)
     shape, dev = x.shape, x.device
     rho = (ra.rand_bits(shape, "prev", dev), ra.rand_bits(shape, "next", dev))
     (g, p), rho_arith = _one_round(_generate_propagate_start(x, x_next), _inject_start(rho))
-    rho_next = ra.cached_next(rho_arith)
-    g_hi, p_hi, g_lo = _carry_planes(g, p, bits, keep_last=True)
+    extra = list(during(rho_arith)) if during is not None else []
+    steps = [_reshare_start(z) for z in extra]
+    g_hi, p_hi, g_lo = _carry_planes(g, p, bits, keep_last=True, extra=steps)
     # this party's 3-out-of-3 XOR share of g_hi ^ (p_hi & g_lo), on bit planes
     z = (p_hi[0] & (g_lo[0] ^ g_lo[1])) ^ (p_hi[1] & g_lo[0]) ^ g_hi[0]
     e = from_plane(z[0], shape) ^ _top_bit(p, bits)[0] ^ rho[0] ^ _bit_zero_share(shape, dev)
@@ -341,14 +369,42 @@ def msb_arith(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64) -> torch.Te
     from_prev, from_next = torch.empty_like(packed), torch.empty_like(packed)
     ra.exchange([(packed, (rank + 1) % 3), (packed, (rank - 1) % 3)],
                 [(from_prev, (rank - 1) % 3), (from_next, (rank + 1) % 3)])
-    c = (e ^ unpack_bits(from_prev, shape) ^ unpack_bits(from_next, shape)).to(torch.long)
+    c = e ^ unpack_bits(from_prev, shape) ^ unpack_bits(from_next, shape)
+    return c, rho_arith, [st[3] for st in steps]
+
+
+def _reshare_start(z: torch.Tensor) -> Step:
+    """The re-share of a 3-out-of-3 share (each party sends its share to the previous one) as
+    a step; its finish attaches the replica. The share object is ``step[3]``."""
+    rank, _ = ra._rank_ws()
+    z = z.contiguous()
+    buf = torch.empty_like(z)
+    return [(z, (rank - 1) % 3)], [(buf, (rank + 1) % 3)], lambda: ra.remember(z, buf), z
+
+
+def unmask(c: torch.Tensor, rho: torch.Tensor, rho_next: torch.Tensor
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(share, replica) of the bit ``c ^ rho = c + (1 - 2c) rho`` (local): P0 adds ``c`` to
+    its share, P2 to its replica (share index 0)."""
+    rank, _ = ra._rank_ws()
+    c = c.to(torch.long)
     sign = 1 - 2 * c
-    share, nxt = sign * rho_arith, sign * rho_next
+    share, nxt = sign * rho, sign * rho_next
     if rank == 0:
         share = share + c
     elif rank == 2:
         nxt = nxt + c
-    return ra.remember(share.contiguous(), nxt.contiguous())
+    return share.contiguous(), nxt.contiguous()
+
+
+def msb_arith(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0
+              ) -> torch.Tensor:
+    """Replicated ARITHMETIC share (integer scale, replica attached) of the sign bit of the
+    replicated arithmetic value ``(x, x_next)``, read mod 2^bits: what :func:`msb` followed
+    by :func:`b2a_bit_replicated` gives, in one round fewer (:func:`msb_masked`, unmasked
+    locally)."""
+    c, rho, _ = msb_masked(x, x_next, bits, shift)
+    return ra.remember(*unmask(c, rho, ra.cached_next(rho)))
 
 
 # ---------------------------------------------------------------- bit planes
@@ -379,19 +435,29 @@ def to_planes(word: torch.Tensor) -> torch.Tensor:
     return _transpose64(flat.view(-1, 64)).t().contiguous()
 
 
-def to_planes32(word: torch.Tensor) -> torch.Tensor:
-    """int32 words (N elements) -> (32, ceil(N / 128) * 2) int64 bit planes laid out like
-    :func:`to_planes`'s (bit i of ``planes[j, b]`` is bit j of element ``64 b + i``), from HALF
-    the transposes: the first and second halves of the elements share int64 words (low and
-    high 32 bits), so one 64-plane transpose yields the planes of both halves."""
+def to_planes_narrow(word: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 / int16 words (N elements, ``width`` 32 / 16) -> (width, ceil(N / 64 k) * k)
+    int64 bit planes laid out like :func:`to_planes`'s (bit i of ``planes[j, b]`` is bit j of
+    element ``64 b + i``), k = 64 / width, from 1/k of the transposes: the k parts of the
+    elements share int64 words (part q in bits q width .. (q + 1) width - 1), so one 64-plane
+    transpose yields the planes of all k parts."""
+    k = 64 // width
     flat = word.reshape(-1)
-    pad = (-flat.numel()) % 128
+    pad = (-flat.numel()) % (64 * k)
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    half = flat.numel() // 2
-    packed = (flat[:half].to(torch.long) & 0xFFFFFFFF) | (flat[half:].to(torch.long) << 32)
-    planes = to_planes(packed)  # (64, half / 64): rows 0-31 first half, 32-63 second half
-    return torch.cat([planes[:32], planes[32:]], dim=1)
+    part = flat.numel() // k
+    low = (1 << width) - 1
+    packed = flat[:part].to(torch.long) & low
+    for q in range(1, k):
+        packed = packed | ((flat[q * part:(q + 1) * part].to(torch.long) & low) << (q * width))
+    planes = to_planes(packed)  # (64, part / 64): rows q width .. (q + 1) width - 1 for part q
+    return torch.cat([planes[q * width:(q + 1) * width] for q in range(k)], dim=1)
+
+
+def to_planes32(word: torch.Tensor) -> torch.Tensor:
+    """:func:`to_planes_narrow` of int32 words."""
+    return to_planes_narrow(word, 32)
 
 
 def from_plane(plane: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -21,6 +21,8 @@ from typing import Optional, Union
 
 import torch
 
+import crypten
+
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
@@ -29,15 +31,17 @@ from cipherdm_torch.protocols.max_tree import tree_max
 from cipherdm_torch.protocols.replicated import arith as ra
 from cipherdm_torch.protocols.replicated import binary as rb
 
-__all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "max", "mul_bit_share"]
+__all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "largest_of_three", "max",
+           "mul_bit_share"]
 
 
 def ltz_share(x: torch.Tensor, bits: Optional[int] = None) -> torch.Tensor:
     """Share (integer scale) of [x < 0] for this party's share ``x``, read in the ring of
     ``bits`` bits (default: ``protocols.config`` field ``compare_bits``), with its replica
     attached: the bit's usual next step, a product, needs no re-share round."""
-    bits = config.current().compare_bits if bits is None else bits
-    return rb.msb_arith(x, ra.replicate(x), bits)
+    cfg = config.current()
+    bits, shift = (cfg.compare_bits, cfg.compare_shift) if bits is None else (bits, 0)
+    return rb.msb_arith(x, ra.replicate(x), bits, shift)
 
 
 def _bit_tensor(share: torch.Tensor) -> MPCTensor:
@@ -111,6 +115,54 @@ def select(bit: MPCTensor, x: Union[MPCTensor, torch.Tensor, float],
         d = diff.share
     out.share = mul_bit_share(d, b)
     return out + y
+
+
+def largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
+    """max(a, b, c) whose selection costs NO round after the comparison.
+
+    The three comparisons [a - b < 0], [a - c < 0], [b - c < 0] come in masked form
+    (:func:`.binary.msb_masked`): ``lt_j = c_j + (1 - 2 c_j) rho_j`` with ``c_j`` public and
+    ``rho_j`` random bits injected in the comparison's first round. The selection
+    ``max = c + s_a (a - c) + s_b (b - c)`` with ``s_a = ge_0 ge_1``, ``s_b = lt_0 ge_2`` (ties
+    pick the first, as :func:`cipherdm_torch.protocols.max_tree.ternary_tree`) is then a
+    public combination of ``d``, ``rho_j d`` and ``rho_0 rho_j d`` (``d`` the compared
+    differences, already re-shared for the comparison): the products ``rho_0 rho_1`` and
+    ``rho_0 rho_2`` are re-shared in the carry tree's first round, the rest are local
+    products. Before: two rounds after the comparison (a product of bits, then the bits
+    times the differences), the same bytes (two re-shared elements per triple)."""
+    diffs = crypten.stack([a - b, a - c, b - c])
+    d, dn = diffs.share, ra.replicate(diffs.share)
+
+    def pairs(rho):  # rho_0 rho_1 and rho_0 rho_2, 3-out-of-3
+        rn = ra.cached_next(rho)
+        return [ra.local_product(torch.mul, rho[0], rn[0], rho[k], rn[k]) for k in (1, 2)]
+
+    cfg = config.current()
+    cpub, rho, (r01, r02) = rb.msb_masked(d, dn, cfg.compare_bits, cfg.compare_shift,
+                                          during=pairs)
+    rn = ra.cached_next(rho)
+    r01n, r02n = ra.cached_next(r01), ra.cached_next(r02)
+    lt = cpub.to(torch.long)
+
+    def ge(j):  # [diff_j >= 0] = alpha + beta rho_j, public alpha, beta
+        return 1 - lt[j], 2 * lt[j] - 1
+
+    (a0, b0), (a1, b1), (a2, b2) = ge(0), ge(1), ge(2)
+    na0, nb0 = 1 - a0, -b0  # lt_0 = 1 - ge_0
+
+    def cross(x, xn, y, yn):  # this party's 3-out-of-3 share of x y (not re-randomised)
+        return x * (y + yn) + xn * y
+
+    d1, d1n, d2, d2n = d[1], dn[1], d[2], dn[2]
+    # s_a (a - c) = (a0 + b0 r0)(a1 + b1 r1) d1; s_b (b - c) = (na0 + nb0 r0)(a2 + b2 r2) d2
+    picked = (a0 * a1 * d1 + a0 * b1 * cross(rho[1], rn[1], d1, d1n)
+              + b0 * a1 * cross(rho[0], rn[0], d1, d1n) + b0 * b1 * cross(r01, r01n, d1, d1n)
+              + na0 * a2 * d2 + na0 * b2 * cross(rho[2], rn[2], d2, d2n)
+              + nb0 * a2 * cross(rho[0], rn[0], d2, d2n) + nb0 * b2 * cross(r02, r02n, d2, d2n))
+    out = c.shallow_copy()
+    out._tensor = c._tensor.shallow_copy()
+    out.share = (c.share + picked + ra.zero_share(picked.size(), device=picked.device)).contiguous()
+    return out
 
 
 def max(x: MPCTensor, dim: int = -1, keepdim: bool = False) -> MPCTensor:

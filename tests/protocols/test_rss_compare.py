@@ -205,6 +205,52 @@ def test_narrow_sign_is_exact_in_its_range_and_cheaper(parties):
     assert sent[32] <= sent[64] - 12, sent
 
 
+def _coarse_body(ring, shift):
+    xr = _share_ints(ring)
+    xn = ra.replicate(xr)
+    out = {}
+    for bits, sh in ((32, 0), (16, shift)):
+        with CostMeter() as m:
+            share = rb.msb_arith(xr, xn, bits, sh)
+        out[bits] = (crypten.communicator.get().all_reduce(share.clone()), m.total.as_dict())
+        replica = ra.cached_next(share)
+        out[bits, "replica"] = replica
+        out[bits, "share"] = share
+    out["rank"] = crypten.communicator.get().get_rank()
+    return out
+
+
+def test_coarse_sign_errs_only_just_above_zero(parties):
+    """The 16-bit sign after a local shift s: exact for encoded values in
+    [-2^(15+s) + 2^(s+1), 2^(15+s)) outside the zone [0, 2^(s+1)), where an attacker-chosen
+    grid of values shows it may say "negative" (and does, for some); one round fewer than the
+    32-bit sign and fewer bytes; the bit comes out replicated (party i's replica is party
+    i+1's share)."""
+    s = 10
+    g = torch.Generator().manual_seed(12)
+    lo, hi = -(2 ** (15 + s)) + 2 ** (s + 1), 2 ** (15 + s) - 1
+    ring = torch.cat([torch.randint(lo, hi, (6000,), generator=g),
+                      torch.arange(-2 ** (s + 2), 2 ** (s + 2), 7),
+                      torch.tensor([lo, lo + 1, -1, 0, 1, hi - 1, hi, 2 ** (s + 1),
+                                    2 ** (s + 1) - 1])])
+    results = parties.run(_coarse_body, ring, s, timeout=300)
+    truth = (ring < 0).long()
+    zone = (ring >= 0) & (ring < 2 ** (s + 1))
+    for r in results:
+        assert torch.equal(r[32][0], truth)
+        got = r[16][0]
+        assert torch.equal(got[~zone], truth[~zone])
+        assert bool(((got[zone] == 0) | (got[zone] == 1)).all())
+        assert int(got[zone].sum()) > 0  # the zone is real: some read as negative
+        assert r[16][1]["rounds"] == r[32][1]["rounds"] - 1, (r[16][1], r[32][1])
+    by_rank = {r["rank"]: r for r in results}
+    for i in range(3):
+        assert torch.equal(by_rank[i][16, "replica"], by_rank[(i + 1) % 3][16, "share"])
+    sent = {bits: sum(r[bits][1]["bytes_sent"] for r in results) / ring.numel() / 3
+            for bits in (32, 16)}
+    assert sent[16] < sent[32] - 3, sent
+
+
 def _injection_body(bits):
     rank = crypten.communicator.get().get_rank()
     # a replicated binary sharing of the bits: bit 0 of an A2B of an arithmetic sharing
