@@ -23,8 +23,8 @@ softmax: row max by a tree of thirds (default ``softmax_max_method="tree3"``: ce
 levels of one batched comparison each, about 1.5 n comparisons per row; ``"tree"``: by halves,
 n - 1 comparisons, ceil(log2 n) levels; no argmax one-hot as in CrypTen), exp of x - max, then the row sum s in
 [1, n] is inverted by the magnitude-guided reciprocal on [2^0, 2^ceil(log2 n)]
-(log2 n comparisons per ROW), applied as (e * r) * 2^-k so that rows of
-thousands of entries keep their precision.
+(log2 n comparisons per ROW) with 32 fractional bits (:func:`.reciprocal.reciprocal_fine`),
+so that rows of thousands of entries keep their precision, and applied in one product.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from crypten.mpc import MPCTensor
 
 from cipherdm_torch.protocols import config, sharewise
 from cipherdm_torch.protocols.max_tree import larger_by_sign, ternary_max, tree_max
-from cipherdm_torch.protocols.reciprocal import reciprocal_scaled
+from cipherdm_torch.protocols.reciprocal import times_precise, reciprocal_fine
 from cipherdm_torch.protocols.side_by_side import run_together
 
 __all__ = ["exp", "exp_safe_bound", "softmax", "row_max", "reference_exp", "reference_softmax"]
@@ -141,11 +141,13 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
         e = exp(x - top)
     s = e.sum(dim, keepdim=True)
     hi = max(1, math.ceil(math.log2(n)) + 1)
-    # e (a product by the clip bit) is prepared for e * r while the reciprocal runs: its one
-    # round rides in the reciprocal's first round instead of following it
-    (r, p), _ = run_together(lambda: reciprocal_scaled(s, lo=0, hi=hi),  # s in [1, n]
-                             lambda: sharewise.prepare_for_products([e.share]))
-    return (e * r) * p
+    # e (a product by the clip bit) is prepared for e * q while the reciprocal runs: its one
+    # round rides in the reciprocal's first round instead of following it. q = 1/s carries
+    # 32 fractional bits (reciprocal_fine: the power of two rides in the Newton step's last
+    # product), so e * q is ONE product (two before stop 19: (e * r) * 2^-k)
+    q, _ = run_together(lambda: reciprocal_fine(s, lo=0, hi=hi),  # s in [1, n]
+                        lambda: sharewise.prepare_for_products([e.share]))
+    return times_precise(q, e)
 
 
 # ---------------------------------------------------------------- plaintext twins

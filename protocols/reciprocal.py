@@ -42,7 +42,8 @@ from crypten.mpc import MPCTensor
 from cipherdm_torch.protocols import config
 from cipherdm_torch.protocols.side_by_side import run_together
 
-__all__ = ["reciprocal", "rsqrt", "batched_mul", "exponent_onehot", "weigh", "reciprocal_scaled"]
+__all__ = ["reciprocal", "rsqrt", "batched_mul", "exponent_onehot", "weigh", "reciprocal_scaled",
+           "reciprocal_fine", "times_precise"]
 
 GUESS_BITS = 32  # fractional bits of the weights that multiply x (x itself has 16)
 GUESS_BITS_MAX = 42  # at most (the guess's product is then about 2^58, below the 2^62 limit)
@@ -127,7 +128,7 @@ def weigh(d: Optional[MPCTensor], ks: Sequence, weight: Callable[[Any], float],
     return out
 
 
-def _times_precise(weights: MPCTensor, x: MPCTensor) -> MPCTensor:
+def times_precise(weights: MPCTensor, x: MPCTensor) -> MPCTensor:
     """weights * x for weights with more fractional bits than x: ONE product, whose truncation
     divides by the weights' scale, so the result has x's scale (CrypTen labels a product with
     its left factor's encoder, hence the relabelling)."""
@@ -152,23 +153,60 @@ def reciprocal_scaled(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] 
     """
     lo, hi = _range(lo, hi)
     iters = config.current().reciprocal_iters if iters is None else iters
-    steps = config.current().reciprocal_steps
-    d, ks = exponent_onehot(x, lo, hi, steps)
-    p = weigh(d, ks, lambda kr: 2.0 ** -kr[0], x)
-    p_fine = weigh(d, ks, lambda kr: 2.0 ** -kr[0], x, bits=GUESS_BITS)
-    pb = weigh(d, ks, lambda kr: bucket_guess(1.0, steps, kr[1])[1] * 2.0 ** -kr[0], x,
-               bits=GUESS_BITS)
-    if steps == 1:  # one bucket per octave: the intercept is a public constant
-        m, mb = _times_precise(crypten.stack([p_fine, pb]), x)
-        a = bucket_guess(1.0, 1, 0)[0]
-    else:  # the bucket's intercept rides along (times 1), so it leaves the product replicated
-        a = weigh(d, ks, lambda kr: bucket_guess(1.0, steps, kr[1])[0], x, bits=GUESS_BITS)
-        m, mb, a = _times_precise(crypten.stack([p_fine, pb, a]),
-                                  crypten.stack([x, x, x * 0 + 1]))
-    r = a - mb
+    r, m, p = _reciprocal_guess(x, lo, hi, p_bits=None)
     for _ in range(iters):
         r = r * (2 - m * r)
     return r, p
+
+
+def _reciprocal_guess(x: MPCTensor, lo: int, hi: int, p_bits: Optional[int] = GUESS_BITS):
+    """(r, m, p): the bucket's linear guess r of 1 / m for the mantissa m = x p in [1, 2),
+    m, and p = 2^-k with ``p_bits`` fractional bits (None: x's). The mantissa and the slope
+    term x (B p) are one batched product (one round)."""
+    steps = config.current().reciprocal_steps
+    d, ks = exponent_onehot(x, lo, hi, steps)
+    p = weigh(d, ks, lambda kr: 2.0 ** -kr[0], x, bits=p_bits)
+    p_fine = p if p_bits == GUESS_BITS else weigh(d, ks, lambda kr: 2.0 ** -kr[0], x,
+                                                 bits=GUESS_BITS)
+    pb = weigh(d, ks, lambda kr: bucket_guess(1.0, steps, kr[1])[1] * 2.0 ** -kr[0], x,
+               bits=GUESS_BITS)
+    if steps == 1:  # one bucket per octave: the intercept is a public constant
+        m, mb = times_precise(crypten.stack([p_fine, pb]), x)
+        a = bucket_guess(1.0, 1, 0)[0]
+    else:  # the bucket's intercept rides along (times 1), so it leaves the product replicated
+        a = weigh(d, ks, lambda kr: bucket_guess(1.0, steps, kr[1])[0], x, bits=GUESS_BITS)
+        m, mb, a = times_precise(crypten.stack([p_fine, pb, a]),
+                                  crypten.stack([x, x, x * 0 + 1]))
+    return a - mb, m, p
+
+
+def _times_fine(x: MPCTensor, fine: MPCTensor) -> MPCTensor:
+    """x * fine, kept at ``fine``'s precision: CrypTen's product truncates by its LEFT factor's
+    scale and labels it with that factor's encoder, so x goes left and the label is fixed."""
+    out = x * fine
+    out.encoder = fine.encoder
+    return out
+
+
+def reciprocal_fine(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
+                    iters: Optional[int] = None) -> MPCTensor:
+    """1 / x for x > 0 in [2^lo, 2^hi], with :data:`GUESS_BITS` fractional bits (so 1/x keeps
+    its significant bits for large x, like :func:`reciprocal_scaled`'s two factors r p).
+
+    Why: applying r and p = 2^-k one after the other (``(e * r) * p``) puts two products in
+    sequence after the reciprocal. Here the last Newton step's product absorbs p: ``m r`` and
+    ``r p`` are taken side by side, then ``q = (r p)(2 - m r)``; the caller's ``e * q`` is
+    then ONE product. Same products in all, one product (two rounds) shallower. With no
+    Newton step, ``q = r p``."""
+    lo, hi = _range(lo, hi)
+    iters = config.current().reciprocal_iters if iters is None else iters
+    r, m, p_fine = _reciprocal_guess(x, lo, hi)
+    for _ in range(iters - 1):
+        r = r * (2 - m * r)
+    if iters == 0:
+        return _times_fine(r, p_fine)
+    mr, rp = run_together(lambda: m * r, lambda: _times_fine(r, p_fine))
+    return _times_fine(2 - mr, rp)
 
 
 def reciprocal(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None) -> MPCTensor:
@@ -239,7 +277,7 @@ def rsqrt(x: MPCTensor, lo: Optional[int] = None, hi: Optional[int] = None,
     # the bucket's intercept c and q ride along (times 1): the product's outputs carry the
     # replicated backend's replica (for q, kept by its expansion to the shape of ``times``), so
     # no later product re-shares them
-    h, md, c, q = _times_precise(crypten.stack([ph, pd, c, q]), crypten.stack([x, x, one, one]))
+    h, md, c, q = times_precise(crypten.stack([ph, pd, c, q]), crypten.stack([x, x, one, one]))
     y = c - md
     scaled = None
     for i in range(iters):
@@ -265,8 +303,8 @@ def _times_guess(pd, c, q, one, x, times):
     truncations divide by the weights' 2^GUESS_BITS), then one product by the guess: two
     products after the comparison instead of four with a Newton step. Relative error: the
     guess's (0.035% with 8 buckets per octave, 0.14% with 4)."""
-    tq, (md, c) = run_together(lambda: _times_precise(q, times),
-                               lambda: _times_precise(crypten.stack([pd, c]),
+    tq, (md, c) = run_together(lambda: times_precise(q, times),
+                               lambda: times_precise(crypten.stack([pd, c]),
                                                       crypten.stack([x, one])))
     return tq * (c - md)
 

@@ -31,8 +31,10 @@ between them; every hand-over waited for the operating system to schedule the wo
 which with three parties on two cores cost milliseconds (the bench UNet's grouped projections
 took 1.0 s of local time instead of 0.3 s). A greenlet switch costs about a microsecond.
 
-Limits: a branch that calls :func:`run_together` itself runs its branches one after the other
-(no nesting). Communication that bypasses :func:`.arith.exchange` (CrypTen's own collectives)
+Nesting: a branch may call :func:`run_together` itself; its branches' rounds are merged into
+ONE exchange of that branch, which the outer group merges again with its siblings' (a
+softmax's reciprocal beside the re-share of its numerators, inside it two products beside
+each other). Communication that bypasses :func:`.arith.exchange` (CrypTen's own collectives)
 still works inside a branch (nothing else runs meanwhile), as a round of its own. Branch state
 (the group, the pairwise streams of :mod:`cipherdm_torch.mpc.prg`, the protocol settings of
 :mod:`cipherdm_torch.protocols.config`) lives in context variables: each branch runs in a copy
@@ -134,12 +136,13 @@ def run_together(*fns: Callable[[], Any]) -> List[Any]:
     """
     from cipherdm_torch.protocols.replicated import arith  # local: arith imports this module
 
-    if (len(fns) < 2 or _BRANCH.get() is not None or not prg.has_streams()
-            or crypten.cfg.mpc.protocol != "rss"):
-        # one branch, nested, CrypTen's generators (insecure benchmark mode: one shared
-        # sequence, no per-branch streams) or another backend (CrypTen's protocols do not
-        # exchange through arith): one after the other
+    if len(fns) < 2 or not prg.has_streams() or crypten.cfg.mpc.protocol != "rss":
+        # one branch, CrypTen's generators (insecure benchmark mode: one shared sequence, no
+        # per-branch streams) or another backend (CrypTen's protocols do not exchange through
+        # arith): one after the other
         return [fn() for fn in fns]
+    # inside a branch, the merged round is this branch's exchange (deferred to its own group)
+    post = arith.exchange if _BRANCH.get() is not None else arith.exchange_now
     caller = greenlet.getcurrent()
     group = _Group(len(fns), caller)
     stack = config.snapshot_stack()
@@ -164,7 +167,7 @@ def run_together(*fns: Callable[[], Any]) -> List[Any]:
                 # out: one after the other it would have left unchanged
                 raise RuntimeError("lockstep: a branch modified a tensor in place while it "
                                    "waited to be sent; copy it before the in-place op")
-            arith.exchange_now(sends, [m for _, r in posted for m in r])
+            post(sends, [m for _, r in posted for m in r])
     if group.error is not None:
         raise group.error
     return group.results

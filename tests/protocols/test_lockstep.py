@@ -97,3 +97,46 @@ def test_forked_streams_match_across_a_pair_and_differ_between_branches():
         assert torch.equal(mine[i]["prev"].ring((8,)), theirs[i]["next"].ring((8,)))
     draws = [m["next"].ring((4,)) for m in mine]
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def _nested_body(a, b):
+    rss_backend.install()
+    with config.use("optimised", backend="rss"):
+        def jobs():
+            xa, xb, xc = (crypten.cryptensor(t) for t in (a, b, b + 1))
+            # outer branch 0 runs two inner branches of its own; outer branch 1 a chain
+            return (lambda: run_together(lambda: _square_chain(xa, 2), lambda: xb._ltz()),
+                    lambda: _square_chain(xc, 3))
+        with CostMeter() as seq:
+            j0, j1 = jobs()
+            alone = [j0(), j1()]
+        with CostMeter() as merged:
+            nested = run_together(*jobs())
+        each = []
+        for job in (lambda: _square_chain(crypten.cryptensor(a), 2),
+                    lambda: crypten.cryptensor(b)._ltz(),
+                    lambda: _square_chain(crypten.cryptensor(b + 1), 3)):
+            with CostMeter() as m:
+                job()
+            each.append(m.total.rounds)
+    flat = lambda r: [t.get_plain_text() for t in (*r[0], r[1])]  # noqa: E731
+    return {"alone": flat(alone), "nested": flat(nested),
+            "rounds": (seq.total.rounds, merged.total.rounds, each)}
+
+
+def test_nested_branches_merge_into_the_outer_rounds(parties):
+    """A branch that runs branches of its own: same values, and the rounds of the longest of
+    ALL the leaves (before stop 19 the inner branches ran one after the other)."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.rand(32, generator=g) + 0.5
+    b = torch.randn(32, generator=g)
+    results = parties.run(_nested_body, a, b)
+    for r in results:
+        for s, t in zip(r["alone"], r["nested"]):
+            assert torch.allclose(s, t, rtol=1e-3, atol=1e-3)
+        assert torch.allclose(r["nested"][0], a ** 4, rtol=1e-2)
+        assert torch.equal(r["nested"][1], (b < 0).float())
+    longest = sum(max(r["rounds"][2]) for r in results)
+    merged = sum(r["rounds"][1] for r in results)
+    assert merged <= longest + 3, (merged, longest)
+    assert merged < 0.75 * sum(r["rounds"][0] for r in results)
