@@ -39,7 +39,7 @@ import torch
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
-from cipherdm_torch.protocols import config
+from cipherdm_torch.protocols import config, sharewise
 from cipherdm_torch.protocols.side_by_side import run_together
 
 __all__ = ["reciprocal", "rsqrt", "batched_mul", "exponent_onehot", "weigh", "reciprocal_scaled",
@@ -96,7 +96,10 @@ def exponent_onehot(x: MPCTensor, lo: int, hi: int, steps: int = 1
     if not js:
         return None, buckets
     # x - 2^(j/steps) for every j as ONE public subtraction from len(js) stacked copies of x
-    # (a CrypTen subtraction per threshold cost ~80 ms per call in Python for 160 thresholds)
+    # (a CrypTen subtraction per threshold cost ~80 ms per call in Python for 160 thresholds);
+    # x is prepared for products first (the replicated backend re-shares it once, and the
+    # copies inherit that, instead of re-sharing every copy: len(js) times the words)
+    sharewise.prepare_for_products([x.share])
     thresholds = torch.tensor([2.0 ** (j / steps) for j in js], dtype=torch.float64)
     shifted = crypten.stack([x] * len(js)) - thresholds.reshape((-1,) + (1,) * x.dim())
     # with a range below 2^(30-f) (e.g. the calibrated GroupNorm variances) the comparisons are

@@ -278,26 +278,29 @@ def _narrow(x: torch.Tensor, x_next: torch.Tensor, bits: int, shift: int = 0
 
 
 def _carry_planes(g: Pair, p: Pair, bits: int, keep_last: bool = False,
-                  extra: Sequence["Step"] = ()):
+                  extra: Optional[Callable[[int], Sequence["Step"]]] = None):
     """Carry into the top bit by a binary tree over bit planes (one AND round per level).
 
     Returns the carry's plane pair, or with ``keep_last`` the last level's operands
     ``(g_hi, p_hi, g_lo)`` before its AND (carry = g_hi ^ (p_hi & g_lo)) for a caller that
-    merges that AND into its next round. ``extra`` steps ride in the first AND round."""
+    merges that AND into its next round. ``extra(k)`` gives the steps that ride in the k-th
+    AND round (called when that round is about to go out)."""
     planes = to_planes if bits == 64 else functools.partial(to_planes_narrow, width=bits)
     # generate / propagate planes of bits 0..bits-2, with a zero plane below bit 0
     G = tuple(planes(t << 1) for t in g)
     P = tuple(planes(t << 1) for t in p)
+    level = 0
     while G[0].shape[0] > 1:
         g_lo, g_hi = tuple(t[0::2] for t in G), tuple(t[1::2] for t in G)
         p_lo, p_hi = tuple(t[0::2] for t in P), tuple(t[1::2] for t in P)
+        if G[0].shape[0] == 2 and keep_last:
+            return g_hi, p_hi, g_lo
+        steps = extra(level) if extra is not None else ()
         if G[0].shape[0] == 2:
-            if keep_last:
-                return g_hi, p_hi, g_lo
-            (pg,) = and_many([(p_hi, g_lo)], extra)
+            (pg,) = and_many([(p_hi, g_lo)], steps)
         else:
-            pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)], extra)
-        extra = ()
+            pg, P = and_many([(p_hi, g_lo), (p_hi, p_lo)], steps)
+        level += 1
         G = xor(g_hi, pg)
     return G
 
@@ -327,7 +330,7 @@ def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0) -
 
 
 def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0,
-               during: Optional[Callable[[torch.Tensor], Sequence[torch.Tensor]]] = None):
+               during: Sequence[Callable[[Any], Sequence[torch.Tensor]]] = ()):
     """The sign bit of the replicated arithmetic value ``(x, x_next)`` (read mod 2^bits) in
     MASKED form ``(c, rho, extra)``: ``c`` public (uint8, the same on every party), ``rho``
     this party's replicated arithmetic share (integer scale, replica attached) of a random bit
@@ -346,9 +349,12 @@ def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int
       learn ``c = msb ^ rho``: uniform, since no party knows ``rho``.
 
     Because ``rho`` is known a few rounds before ``c``, products of the bit can be prepared
-    meanwhile: ``during(rho)`` (optional) returns 3-out-of-3 shares (e.g. products of several
-    comparisons' ``rho``) that are re-shared in the carry tree's first AND round, at no round
-    of their own; ``extra`` is the list of them, replicated (replica attached).
+    meanwhile, at no round of their own: ``during`` is a sequence of stages; stage 0 gets
+    ``rho`` and returns 3-out-of-3 shares (e.g. products of several comparisons' ``rho``),
+    re-shared in the carry tree's first AND round; stage k gets the list stage k - 1 returned,
+    now replicated, and its shares ride in the (k+1)-th AND round (log2(bits) - 2 rounds are
+    there: 2 for 16 bits). ``extra`` is the list of the stages' outputs, replicated (replica
+    attached).
 
     Rounds: generate / propagate and injection 1, carry tree levels but the last
     (log2(bits) - 1), opening 1: 6 for 32 bits, 7 for 64. Bytes: the injection's (P0 16,
@@ -359,9 +365,18 @@ def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int
     shape, dev = x.shape, x.device
     rho = (ra.rand_bits(shape, "prev", dev), ra.rand_bits(shape, "next", dev))
     (g, p), rho_arith = _one_round(_generate_propagate_start(x, x_next), _inject_start(rho))
-    extra = list(during(rho_arith)) if during is not None else []
-    steps = [_reshare_start(z) for z in extra]
-    g_hi, p_hi, g_lo = _carry_planes(g, p, bits, keep_last=True, extra=steps)
+    outs: List[List[torch.Tensor]] = []
+
+    def stage(level):
+        if level >= len(during):
+            return ()
+        steps = [_reshare_start(z) for z in during[level](outs[-1] if outs else rho_arith)]
+        outs.append([st[3] for st in steps])
+        return steps
+
+    g_hi, p_hi, g_lo = _carry_planes(g, p, bits, keep_last=True, extra=stage)
+    if len(outs) < len(during):
+        raise ValueError(f"{len(during)} stages do not fit in the carry tree of {bits} bits")
     # this party's 3-out-of-3 XOR share of g_hi ^ (p_hi & g_lo), on bit planes
     z = (p_hi[0] & (g_lo[0] ^ g_lo[1])) ^ (p_hi[1] & g_lo[0]) ^ g_hi[0]
     e = from_plane(z[0], shape) ^ _top_bit(p, bits)[0] ^ rho[0] ^ _bit_zero_share(shape, dev)
@@ -370,7 +385,7 @@ def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int
     ra.exchange([(packed, (rank + 1) % 3), (packed, (rank - 1) % 3)],
                 [(from_prev, (rank - 1) % 3), (from_next, (rank + 1) % 3)])
     c = e ^ unpack_bits(from_prev, shape) ^ unpack_bits(from_next, shape)
-    return c, rho_arith, [st[3] for st in steps]
+    return c, rho_arith, outs
 
 
 def _reshare_start(z: torch.Tensor) -> Step:

@@ -118,7 +118,7 @@ def select(bit: MPCTensor, x: Union[MPCTensor, torch.Tensor, float],
 
 
 def largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
-    """max(a, b, c) whose selection costs NO round after the comparison.
+    """max(a, b, c) whose selection costs NO round after the comparison, with its replica.
 
     The three comparisons [a - b < 0], [a - c < 0], [b - c < 0] come in masked form
     (:func:`.binary.msb_masked`): ``lt_j = c_j + (1 - 2 c_j) rho_j`` with ``c_j`` public and
@@ -126,22 +126,39 @@ def largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
     ``max = c + s_a (a - c) + s_b (b - c)`` with ``s_a = ge_0 ge_1``, ``s_b = lt_0 ge_2`` (ties
     pick the first, as :func:`cipherdm_torch.protocols.max_tree.ternary_tree`) is then a
     public combination of ``d``, ``rho_j d`` and ``rho_0 rho_j d`` (``d`` the compared
-    differences, already re-shared for the comparison): the products ``rho_0 rho_1`` and
-    ``rho_0 rho_2`` are re-shared in the carry tree's first round, the rest are local
-    products. Before: two rounds after the comparison (a product of bits, then the bits
-    times the differences), the same bytes (two re-shared elements per triple)."""
+    differences a - c and b - c, already re-shared for the comparison). Those products are
+    re-shared while the carry tree runs (stage 1: ``rho_0 rho_1``, ``rho_0 rho_2`` and the
+    four ``rho_j d``; stage 2: ``(rho_0 rho_j) d``), so the result comes out replicated
+    with no round after the comparison's opening, and the next level of a max tree needs no
+    re-share either. Before stop 19: two rounds after the comparison (a product of bits,
+    then the bits times the differences) and a re-share at the next level; now 8 re-shared
+    elements per triple instead of 3."""
     diffs = crypten.stack([a - b, a - c, b - c])
-    d, dn = diffs.share, ra.replicate(diffs.share)
+    d = diffs.share
+    # c's replica too (in the same round when the inputs come without one), so the result
+    # gets its replica
+    dn, c_next = ra.replicate_many([d, c.share])
 
-    def pairs(rho):  # rho_0 rho_1 and rho_0 rho_2, 3-out-of-3
-        rn = ra.cached_next(rho)
-        return [ra.local_product(torch.mul, rho[0], rn[0], rho[k], rn[k]) for k in (1, 2)]
+    def product(x, y):  # this party's re-randomised 3-out-of-3 share of x y (replicated x, y)
+        return ra.local_product(torch.mul, x, ra.cached_next(x), y, ra.cached_next(y))
+
+    d1, d2 = ra.remember(d[1].contiguous(), dn[1].contiguous()), \
+        ra.remember(d[2].contiguous(), dn[2].contiguous())
+
+    def stage1(rho):
+        r = [ra.remember(rho[k].contiguous(), ra.cached_next(rho)[k].contiguous())
+             for k in range(3)]
+        return [product(r[0], r[1]), product(r[0], r[2]), product(r[1], d1),
+                product(r[0], d1), product(r[2], d2), product(r[0], d2)]
+
+    def stage2(first):
+        return [product(first[0], d1), product(first[1], d2)]
 
     cfg = config.current()
-    cpub, rho, (r01, r02) = rb.msb_masked(d, dn, cfg.compare_bits, cfg.compare_shift,
-                                          during=pairs)
-    rn = ra.cached_next(rho)
-    r01n, r02n = ra.cached_next(r01), ra.cached_next(r02)
+    cpub, _, (first, second) = rb.msb_masked(d, dn, cfg.compare_bits, cfg.compare_shift,
+                                             during=(stage1, stage2))
+    _, _, r1d1, r0d1, r2d2, r0d2 = first
+    r01d1, r02d2 = second
     lt = cpub.to(torch.long)
 
     def ge(j):  # [diff_j >= 0] = alpha + beta rho_j, public alpha, beta
@@ -149,19 +166,14 @@ def largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
 
     (a0, b0), (a1, b1), (a2, b2) = ge(0), ge(1), ge(2)
     na0, nb0 = 1 - a0, -b0  # lt_0 = 1 - ge_0
-
-    def cross(x, xn, y, yn):  # this party's 3-out-of-3 share of x y (not re-randomised)
-        return x * (y + yn) + xn * y
-
-    d1, d1n, d2, d2n = d[1], dn[1], d[2], dn[2]
     # s_a (a - c) = (a0 + b0 r0)(a1 + b1 r1) d1; s_b (b - c) = (na0 + nb0 r0)(a2 + b2 r2) d2
-    picked = (a0 * a1 * d1 + a0 * b1 * cross(rho[1], rn[1], d1, d1n)
-              + b0 * a1 * cross(rho[0], rn[0], d1, d1n) + b0 * b1 * cross(r01, r01n, d1, d1n)
-              + na0 * a2 * d2 + na0 * b2 * cross(rho[2], rn[2], d2, d2n)
-              + nb0 * a2 * cross(rho[0], rn[0], d2, d2n) + nb0 * b2 * cross(r02, r02n, d2, d2n))
+    terms = ((a0 * a1, d1), (a0 * b1, r1d1), (b0 * a1, r0d1), (b0 * b1, r01d1),
+             (na0 * a2, d2), (na0 * b2, r2d2), (nb0 * a2, r0d2), (nb0 * b2, r02d2))
+    share = c.share + sum(k * t for k, t in terms)
     out = c.shallow_copy()
     out._tensor = c._tensor.shallow_copy()
-    out.share = (c.share + picked + ra.zero_share(picked.size(), device=picked.device)).contiguous()
+    nxt = c_next + sum(k * ra.cached_next(t) for k, t in terms)
+    out.share = ra.remember(share.contiguous(), nxt.contiguous())
     return out
 
 

@@ -19,7 +19,7 @@ import cipherdm_torch  # noqa: F401
 import crypten
 import crypten.communicator as comm
 
-from cipherdm_torch.protocols import config, functions as P
+from cipherdm_torch.protocols import config, functions as P, max_tree
 from cipherdm_torch.protocols.replicated import arith as ra, backend as rss_backend, \
     compare as rss_compare
 from party_views import whole_view_recorder
@@ -57,6 +57,12 @@ def _view_body(kind, secrets):
                 elif kind == "silu":  # comparison and polynomial side by side (lockstep)
                     with config.use("optimised"):
                         out = P.silu(ex)
+                elif kind == "max3":  # masked comparison bits, products prepared in the tree
+                    with config.use("optimised"), config.coarse_comparisons():
+                        out = max_tree.ternary_max(ex.reshape(-1, 8), -1)
+                elif kind == "softmax":  # coarse max, exp, 1/s with nested side-by-side parts
+                    with config.use("optimised"):
+                        out = P.softmax(ex.reshape(-1, 8), -1)
                 else:
                     raise ValueError(kind)
                 nxt = ra.cached_next(out.share)  # the replica, if the output has one
@@ -144,6 +150,22 @@ def test_side_by_side_silu_view_independent_of_secret(parties):
         assert len(vf) == len(vv) and len(vf) >= 2
         p, m = _indistinguishable(vf, vv)
         assert p > P_MIN, ("silu", rank, p, m)
+
+
+def test_max_and_softmax_views_independent_of_secret(parties):
+    """The ternary max (comparison bits opened under a random bit's mask, the selection's
+    products re-shared during the carry tree) and the softmax around it: every party's whole
+    view is independent of the secret (the max with pairs of messages too)."""
+    g = torch.Generator().manual_seed(7)
+    n = 8192
+    fixed = torch.full((n,), 3.25)
+    varied = (torch.rand(n, generator=g) - 0.5) * 40
+    for kind, pairs in (("max3", True), ("softmax", False)):
+        views = parties.run(_view_body, kind, [fixed, varied], timeout=600)
+        for rank, (vf, vv) in enumerate(views):
+            assert len(vf) == len(vv) and len(vf) >= 2
+            p, m = _indistinguishable(vf, vv, pairs=pairs)
+            assert p > P_MIN, (kind, rank, p, m)
 
 
 def _chain_attack_body(mode, x):
