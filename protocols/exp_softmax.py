@@ -124,8 +124,10 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
     # (config.coarse_comparisons: 16-bit signs after a local shift s, exact while logits
     # differ by less than 2^(15+s-f) = 512; each level may keep an entry up to 2^(s+1-f) =
     # 1/32 below the larger one, and softmax is shift-invariant: exp's input then reaches
-    # at most ~0.2 above zero, where it is as accurate). exp's clip x - max + bound is
-    # bounded by the logits' spread: read mod 2^32 (config.bounded_comparisons)
+    # at most ~0.2 above zero, where it is as accurate). exp's clip [x - max + bound >= 0]
+    # is coarse too: its zone only clips inputs within 1/32 above -bound (exp(-32) ~ 1e-14
+    # is 0 at 16 fractional bits), and its range holds whenever the max's does (logits that
+    # differ by less than 512 - bound)
     with config.coarse_comparisons():
         if cfg.softmax_max_method == "crypten":
             top = x.max(dim, keepdim=True)[0]
@@ -133,10 +135,9 @@ def softmax(x: MPCTensor, dim: int) -> MPCTensor:
             top = ternary_max(x, dim, keepdim=True)
         else:
             top = row_max(x, dim)
-    with config.bounded_comparisons():
-        # the row max is a sum of products (no replica on the replicated backend): prepared at
-        # its own size (one entry per row), x - top and both of exp's branches inherit that,
-        # instead of each branch re-sharing its own copy of the whole x - top
+        # the row max prepared at its own size (one entry per row; on the replicated backend
+        # the ternary max comes out replicated already): x - top and both of exp's branches
+        # inherit that, instead of each branch re-sharing its own copy of the whole x - top
         sharewise.prepare_for_products([top.share])
         e = exp(x - top)
     s = e.sum(dim, keepdim=True)

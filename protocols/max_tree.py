@@ -78,8 +78,9 @@ def _largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
 
 def ternary_tree(x: MPCTensor, dim: int) -> MPCTensor:
     """Max along ``dim`` (keepdim) by thirds: ceil(log3 n) levels (5 for n = 196, against 8
-    by halves), each one comparison round trip plus two products of bits, so about 40%
-    fewer rounds; 3 comparisons per 3 entries per level (about 1.5 n per row instead of n).
+    by halves), each one comparison round trip plus two products of bits (on the rss backend
+    the comparison alone: :func:`_largest_of_three`), so about 40% fewer rounds; 3
+    comparisons per 3 entries per level (about 1.5 n per row instead of n).
     A leftover of one entry is carried to the next level, of two is padded with a copy of
     the last (the max is unchanged)."""
     dim = dim % x.dim()

@@ -26,6 +26,12 @@ one bit of traffic.
 * :func:`b2a_bit_replicated`: the same injection with a *replicated* output in the same one
   round (P0 sends two elements, P1 and P2 one each), for bits that go on into a product,
   whose re-share round it saves; see its docstring.
+* :func:`msb_masked` (what the comparisons use): the sign bit as ``c ^ rho`` with ``c``
+  public and ``rho`` a random bit injected in the generate / propagate round; the carry
+  tree's last AND is merged with the opening of ``c``, so the bit costs one round less than
+  :func:`msb` + injection, and products of the bit can be prepared from ``rho`` while the
+  tree runs (:func:`.compare.largest_of_three`). Words of 64, 32 or 16 bits (16 after a
+  local shift: a one-sided error zone just above zero, see :func:`_narrow`).
 """
 
 from __future__ import annotations

@@ -8,11 +8,13 @@ Range: the sign bit is exact for every encoded value, i.e. for reals in
 ``[-2^47, 2^47)`` with CrypTen's 16 fractional bits (``x < c`` and ``max`` compute a
 difference, which must stay in that range). Cost per element of ``ltz``
 (bytes sent by P0; P1 and P2 send less): re-share of x if not cached 8 + generate /
-propagate start 16 (P1, P2: 8) + bit-packed carry tree about 16 + replicated bit injection 16
-(P1, P2: 8); 8 rounds, and the bit comes out with its replica, so a product by it starts at
-once. Inside ``protocols.config.bounded_comparisons()`` (``compare_bits=32``) the sign is read
-mod 2^32: exact for reals in ``[-2^15, 2^15)``, the start's words and the tree half as wide,
-7 rounds.
+propagate start 16 (P1, P2: 8) with a random bit's injection 16 (P1, P2: 8) in the same
+round + bit-packed carry tree about 16 + the opening of msb ^ rho (2 bits); 7 rounds
+(:func:`.binary.msb_masked`), and the bit comes out with its replica, so a product by it
+starts at once. Inside ``protocols.config.bounded_comparisons()`` (``compare_bits=32``) the
+sign is read mod 2^32: exact for reals in ``[-2^15, 2^15)``, the start's words and the tree
+half as wide, 6 rounds; inside ``config.coarse_comparisons()`` (16 bits after a local shift
+s, for the softmax row max) 5 rounds, with a one-sided error zone [0, 2^(s+1-f)).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Optional, Union
 import torch
 
 import crypten
-
 from crypten.encoder import FixedPointEncoder
 from crypten.mpc import MPCTensor
 
