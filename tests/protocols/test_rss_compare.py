@@ -282,3 +282,50 @@ def test_bit_injection_with_replica_in_one_round(parties):
         assert r["cost"]["bytes_sent"] == (16 if r["rank"] == 0 else 8) * bits.numel()
         assert r["product_rounds"] == 0
         assert torch.equal(r["product"], bits)
+
+
+def _three_body(a, b, c):
+    from cipherdm_torch.protocols import max_tree
+
+    out = {"rank": crypten.communicator.get().get_rank()}
+    with rss_backend.replicated_backend(), config.use("optimised"):
+        ea, eb, ec = (crypten.cryptensor(t) for t in (a, b, c))
+        ra.replicate_many([ea.share, eb.share, ec.share])  # inputs replicated, as in a model
+        for name, ctx in (("exact", config.bounded_comparisons), ("coarse",
+                                                                  config.coarse_comparisons)):
+            with ctx(), CostMeter() as m:
+                top = rss_compare.largest_of_three(ea, eb, ec)
+            out[name] = (_plain(top), m.total.as_dict(), top.share.clone(),
+                         ra.cached_next(top.share))
+        # a second level on the first one's output: no re-share round before its comparison
+        with config.coarse_comparisons():
+            first = rss_compare.largest_of_three(ea, eb, ec)
+            with CostMeter() as m2:
+                rss_compare.largest_of_three(first, ea, eb)
+        out["second_rounds"] = m2.total.as_dict()["rounds"]
+    return out
+
+
+def test_largest_of_three_selects_without_a_round_and_stays_replicated(parties):
+    """max(a, b, c) on masked comparison bits: exact (ties included) on 32-bit signs, within the
+    coarse zone 2^-5 on 16-bit ones; the comparison's rounds only (6 / 5: generate / propagate,
+    the tree, the opening), and the result comes out replicated (party i's replica is party
+    i+1's share), so a next level starts its comparison at once."""
+    g = torch.Generator().manual_seed(21)
+    a = torch.randint(-40, 40, (3000,), generator=g).float() / 8
+    b = torch.randint(-40, 40, (3000,), generator=g).float() / 8
+    c = torch.randint(-40, 40, (3000,), generator=g).float() / 8
+    truth = torch.maximum(torch.maximum(a, b), c)
+    results = parties.run(_three_body, a, b, c, timeout=300)
+    by_rank = {r["rank"]: r for r in results}
+    for r in results:
+        assert torch.equal(r["exact"][0], truth)
+        err = truth - r["coarse"][0]
+        assert bool((err >= 0).all()) and float(err.max()) <= 2 ** -5 + 1e-6
+        assert r["exact"][1]["rounds"] <= 6 and r["coarse"][1]["rounds"] <= 5
+        assert r["second_rounds"] <= 5
+        for name in ("exact", "coarse"):
+            assert r[name][3] is not None
+    for i in range(3):
+        for name in ("exact", "coarse"):
+            assert torch.equal(by_rank[i][name][3], by_rank[(i + 1) % 3][name][2])
