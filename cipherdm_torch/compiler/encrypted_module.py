@@ -411,9 +411,9 @@ def _interpret(compiled: _Compiled, values: Dict[str, Any], record: Optional[dic
 
 # op kinds that never communicate (share-wise and public work): run at once, never grouped
 _LOCAL_KINDS = ("add", "shape")
-# products (one re-share / truncation each) are grouped; the nonlinear kinds run alone, since
-# a side-by-side branch runs its own side-by-side parts one after the other (no nesting)
-_GROUPED_KINDS = ("linear", "conv2d", "matmul", "mul", "div", "pool", "embedding")
+# every communicating kind is grouped: a nonlinear op's own side-by-side parts merge into the
+# group's rounds (nested lockstep branches, stop 19; before, nonlinear kinds ran alone)
+_GROUPED_KINDS = None
 
 
 def _next_group(nodes, start: int, env: Dict[str, Any]):
@@ -441,7 +441,7 @@ def _next_group(nodes, start: int, env: Dict[str, Any]):
             env[n.name] = _secret_call(i, n, impl, args, kwargs)
             done.append(i)
             continue
-        if impl.kind not in _GROUPED_KINDS:  # runs alone (its own parts may run side by side)
+        if _GROUPED_KINDS is not None and impl.kind not in _GROUPED_KINDS:  # runs alone
             if not members:
                 members.append((i, n, impl, args, kwargs))
             break
