@@ -409,11 +409,10 @@ def _interpret(compiled: _Compiled, values: Dict[str, Any], record: Optional[dic
     raise RuntimeError("graph has no output node")
 
 
-# op kinds that never communicate (share-wise and public work): run at once, never grouped
-_LOCAL_KINDS = ("add", "shape")
-# every communicating kind is grouped: a nonlinear op's own side-by-side parts merge into the
+# op kinds that never communicate (share-wise and public work): run at once, never grouped;
+# every communicating kind is grouped, a nonlinear op's own side-by-side parts merging into the
 # group's rounds (nested lockstep branches, stop 19; before, nonlinear kinds ran alone)
-_GROUPED_KINDS = None
+_LOCAL_KINDS = ("add", "shape")
 
 
 def _next_group(nodes, start: int, env: Dict[str, Any]):
@@ -441,10 +440,6 @@ def _next_group(nodes, start: int, env: Dict[str, Any]):
             env[n.name] = _secret_call(i, n, impl, args, kwargs)
             done.append(i)
             continue
-        if _GROUPED_KINDS is not None and impl.kind not in _GROUPED_KINDS:  # runs alone
-            if not members:
-                members.append((i, n, impl, args, kwargs))
-            break
         members.append((i, n, impl, args, kwargs))
         pending.add(n.name)
     return members, done

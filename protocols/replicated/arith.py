@@ -115,7 +115,8 @@ Device = Optional[Union[str, torch.device]]
 Divisor = Union[int, torch.Tensor]  # a public positive int or long tensor
 
 __all__ = [
-    "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "carry_local_op",
+    "RING_BITS", "rand_ring", "zero_share", "cached_next", "remember", "forget", "add_public",
+    "carry_local_op",
     "replicate", "replicate_many", "local_product", "truncate_shares", "reshare_output",
     "transcript", "exchange", "exchange_now",
     "mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "square",
@@ -239,6 +240,18 @@ def remember(share: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"replica shape {tuple(nxt.shape)} != share shape {tuple(share.shape)}")
     setattr(share, _CACHE_ATTR, (share._version, nxt))
     return share
+
+
+def add_public(share: torch.Tensor, nxt: torch.Tensor, value) -> Tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """(share, replica) of x + value for a public ``value``: it goes into share index 0, which
+    is party 0's own share and party 2's replica (local, the same rule on every party)."""
+    rank, _ = _rank_ws()
+    if rank == 0:
+        share = share + value
+    elif rank == 2:
+        nxt = nxt + value
+    return share, nxt
 
 
 def forget(share: torch.Tensor) -> torch.Tensor:

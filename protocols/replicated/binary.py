@@ -407,14 +407,9 @@ def unmask(c: torch.Tensor, rho: torch.Tensor, rho_next: torch.Tensor
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(share, replica) of the bit ``c ^ rho = c + (1 - 2c) rho`` (local): P0 adds ``c`` to
     its share, P2 to its replica (share index 0)."""
-    rank, _ = ra._rank_ws()
     c = c.to(torch.long)
     sign = 1 - 2 * c
-    share, nxt = sign * rho, sign * rho_next
-    if rank == 0:
-        share = share + c
-    elif rank == 2:
-        nxt = nxt + c
+    share, nxt = ra.add_public(sign * rho, sign * rho_next, c)
     return share.contiguous(), nxt.contiguous()
 
 

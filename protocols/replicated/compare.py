@@ -68,12 +68,9 @@ def ge(x: MPCTensor, c: Union[MPCTensor, torch.Tensor, float]) -> MPCTensor:
 def _one_minus(bit: torch.Tensor) -> torch.Tensor:
     """Share of 1 - b, with its replica when b has one (the public 1 is added to share x_0:
     party 0's own share and party 2's replica)."""
-    rank = ra._rank_ws()[0]
-    out = (1 - bit) if rank == 0 else -bit
     nxt = ra.cached_next(bit)
-    if nxt is not None:
-        ra.remember(out, (1 - nxt) if rank == 2 else -nxt)
-    return out
+    share, rep = ra.add_public(-bit, -(bit if nxt is None else nxt), 1)
+    return share if nxt is None else ra.remember(share, rep)
 
 
 def _expanded(share: torch.Tensor, shape) -> torch.Tensor:
