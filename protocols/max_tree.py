@@ -15,6 +15,8 @@ from typing import Callable
 import crypten
 from crypten.mpc import MPCTensor
 
+from cipherdm_torch.protocols import config
+
 __all__ = ["pairwise_tree", "ternary_tree", "larger_by_sign", "larger_by_relu", "tree_max",
            "ternary_max"]
 
@@ -102,6 +104,16 @@ def ternary_tree(x: MPCTensor, dim: int) -> MPCTensor:
 
 
 def ternary_max(x: MPCTensor, dim: int, keepdim: bool = True) -> MPCTensor:
-    """Maximum of ``x`` along ``dim`` by :func:`ternary_tree`."""
+    """Maximum of ``x`` along ``dim`` by :func:`ternary_tree`.
+
+    Inside ``protocols.config.coarse_comparisons()`` on the rss backend (16-bit comparisons
+    after a local shift s: the softmax row max) the whole tree runs on 16-bit words and the
+    result is within 3 2^s encoded units of the max
+    (:func:`cipherdm_torch.protocols.replicated.word16_max.row_max`)."""
+    settings = config.current()
+    if crypten.cfg.mpc.protocol == "rss" and settings.compare_bits == 16:
+        from cipherdm_torch.protocols.replicated import word16_max  # the backend is a plug-in
+
+        return word16_max.row_max(x, dim, settings.compare_shift, keepdim)
     out = ternary_tree(x, dim)
     return out if keepdim else out.squeeze(dim % x.dim())

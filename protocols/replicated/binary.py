@@ -336,7 +336,8 @@ def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0) -
 
 
 def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0,
-               during: Sequence[Callable[[Any], Sequence[torch.Tensor]]] = ()):
+               during: Sequence[Callable[[Any], Sequence[torch.Tensor]]] = (),
+               rho_dtype: torch.dtype = torch.long):
     """The sign bit of the replicated arithmetic value ``(x, x_next)`` (read mod 2^bits) in
     MASKED form ``(c, rho, extra)``: ``c`` public (uint8, the same on every party), ``rho``
     this party's replicated arithmetic share (integer scale, replica attached) of a random bit
@@ -365,12 +366,15 @@ def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int
     Rounds: generate / propagate and injection 1, carry tree levels but the last
     (log2(bits) - 1), opening 1: 6 for 32 bits, 7 for 64. Bytes: the injection's (P0 16,
     P1 / P2 8 per element), the tree's, and 2 bits per element per party for the opening.
-    ``bits`` 16 with a ``shift`` (:func:`_narrow`): 5 rounds, for bounded values."""
+    ``bits`` 16 with a ``shift`` (:func:`_narrow`): 5 rounds, for bounded values.
+    ``rho_dtype`` int16: ``rho``'s arithmetic sharing mod 2^16 only (its products then live in
+    that ring: :mod:`.word16_max`), a quarter of the injection's bytes."""
     rank, _ = ra._rank_ws()
     x, x_next = _narrow(x, x_next, bits, shift)
     shape, dev = x.shape, x.device
     rho = (ra.rand_bits(shape, "prev", dev), ra.rand_bits(shape, "next", dev))
-    (g, p), rho_arith = _one_round(_generate_propagate_start(x, x_next), _inject_start(rho))
+    (g, p), rho_arith = _one_round(_generate_propagate_start(x, x_next),
+                                   _inject_start(rho, rho_dtype))
     outs: List[List[torch.Tensor]] = []
 
     def stage(level):
@@ -529,25 +533,32 @@ def b2a_bit_replicated(b: Pair) -> torch.Tensor:
     return _one_round(_inject_start(b))
 
 
-def _inject_start(b: Pair) -> Step:
-    """:func:`b2a_bit_replicated` as messages and a finish step (to share its round)."""
+def _inject_start(b: Pair, dtype: torch.dtype = torch.long) -> Step:
+    """:func:`b2a_bit_replicated` as messages and a finish step (to share its round).
+    ``dtype`` int16 (or int32): the bit's arithmetic sharing mod 2^16 (2^32), for bits that
+    only enter products in that ring; 2 (4) bytes per word instead of 8."""
     rank, _ = ra._rank_ws()
-    b0, b1 = (t.to(torch.long) & 1 for t in b)
+    b0, b1 = (t.to(dtype) & 1 for t in b)
     shape, dev = b0.shape, b0.device
+
+    def draw(which):
+        word = ra.rand_ring(shape, which, dev)
+        return word if dtype == torch.long else word.to(dtype)  # uniform low bits
+
     if rank == 0:
         c = b0 ^ b1
-        tau, w = ra.rand_ring(shape, "next", dev), ra.rand_ring(shape, "next", dev)
-        rho, w2 = ra.rand_ring(shape, "prev", dev), ra.rand_ring(shape, "prev", dev)
+        tau, w = draw("next"), draw("next")
+        rho, w2 = draw("prev"), draw("prev")
         return [(c + w, 2), (c + w2, 1)], [], lambda: ra.remember(rho, tau)
     b2 = b1 if rank == 1 else b0  # P1 holds (b1, b2), P2 holds (b2, b0)
     sign = 1 - 2 * b2
-    got_c = torch.empty(shape, dtype=torch.long, device=dev)
-    got_m = torch.empty(shape, dtype=torch.long, device=dev)
+    got_c = torch.empty(shape, dtype=dtype, device=dev)
+    got_m = torch.empty(shape, dtype=dtype, device=dev)
     if rank == 1:
-        tau, w = ra.rand_ring(shape, "prev", dev), ra.rand_ring(shape, "prev", dev)
+        tau, w = draw("prev"), draw("prev")
         return ([(sign * w + tau, 2)], [(got_c, 0), (got_m, 2)],
                 lambda: ra.remember(tau, sign * got_c - got_m + b2 - tau))
-    rho, w2 = ra.rand_ring(shape, "next", dev), ra.rand_ring(shape, "next", dev)
+    rho, w2 = draw("next"), draw("next")
     return ([(sign * w2 + rho, 1)], [(got_c, 0), (got_m, 1)],
             lambda: ra.remember(sign * got_c - got_m + b2 - rho, rho))
 

@@ -1,0 +1,209 @@
+"""Softmax row max on 16-bit words: the whole tree of thirds in the ring Z_2^16.
+
+Why: the row max only has to land within a few hundredths of the largest logit (softmax is
+shift-invariant; see ``protocols.config`` ``coarse_compare_shift``), and its comparisons
+already read 16-bit words after a local shift. Before, every level still re-shared its
+selection products as 64-bit ring elements (8 re-shared words per triple, 8 B each); here the
+row is narrowed ONCE (each share shifted right by ``s`` locally and read mod 2^16:
+``w = floor(x / 2^s) - k``, ``k`` in {0, 1, 2}, the dropped carries) and every level's
+differences, products and re-shares are 16-bit words (2 B on the wire). Sums and
+differences mod 2^16 are exact, so the tree returns ``m = max_i w_i`` exactly whenever the
+row's coarse values differ by less than 2^15 (logits within 2^(15 + s - f) = 512 of each
+other at s = 10, f = 16: the range the coarse comparisons already had).
+
+The max then goes back to the 64-bit ring relative to the row's first entry: ``delta = m -
+w_0`` lies in [0, 2^15) and is lifted exactly (:func:`lift16`, two rounds per row, a
+helper-assisted opening like the exact truncation's), and ``top = x_0 + delta 2^s`` differs
+from the row's true max by less than 3 2^s (3/64 at s = 10): exp's input x - top reaches at
+most that above zero, where the optimised exp is as accurate.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from crypten.mpc import MPCTensor
+
+from cipherdm_torch.protocols.replicated import arith as ra
+from cipherdm_torch.protocols.replicated import binary as rb
+
+__all__ = ["narrow16", "product16", "largest_of_three16", "ternary_tree16", "lift16",
+           "row_max"]
+
+Words = Tuple[torch.Tensor, torch.Tensor]  # (share, replica) of a replicated 16-bit sharing
+_W16 = torch.int16
+
+
+def narrow16(x: torch.Tensor, x_next: torch.Tensor, shift: int) -> Words:
+    """Replicated 64-bit shares -> replicated 16-bit words of floor(x / 2^shift) - k, k in
+    {0, 1, 2} (local; :func:`.binary._narrow`)."""
+    return rb._narrow(x, x_next, 16, shift)
+
+
+def _zero16(shape, device) -> torch.Tensor:
+    return ra.zero_share(shape, device).to(_W16)
+
+
+def product16(x: Words, y: Words) -> torch.Tensor:
+    """This party's re-randomised 3-out-of-3 share of ``x * y`` mod 2^16 (no communication;
+    int16 products wrap mod 2^16)."""
+    (xs, xn), (ys, yn) = x, y
+    z = xs * (ys + yn) + xn * ys
+    return (z + _zero16(z.shape, z.device)).contiguous()
+
+
+def _words(t: torch.Tensor) -> Words:
+    return t, ra.cached_next(t)
+
+
+def largest_of_three16(a: Words, b: Words, c: Words) -> Words:
+    """max(a, b, c) of replicated 16-bit words, replicated, in the rounds of one comparison.
+
+    :func:`cipherdm_torch.protocols.replicated.compare.largest_of_three` on 16-bit words:
+    the three signs come masked (``lt_j = c_j + (1 - 2 c_j) rho_j``, ``c_j`` public) and the
+    selection ``c + s_a (a - c) + s_b (b - c)`` is a public combination of ``d``, ``rho_j d``
+    and ``rho_0 rho_j d``, whose products are re-shared (as 16-bit words) while the carry
+    tree runs. The differences are local (the inputs are replicated)."""
+    d = torch.stack([a[0] - b[0], a[0] - c[0], b[0] - c[0]])
+    dn = torch.stack([a[1] - b[1], a[1] - c[1], b[1] - c[1]])
+    d1, d2 = (d[1], dn[1]), (d[2], dn[2])
+
+    def stage1(rho):
+        rn = ra.cached_next(rho)
+        r = [(rho[k], rn[k]) for k in range(3)]  # injected mod 2^16
+        return [product16(r[0], r[1]), product16(r[0], r[2]), product16(r[1], d1),
+                product16(r[0], d1), product16(r[2], d2), product16(r[0], d2)]
+
+    def stage2(first):
+        return [product16(_words(first[0]), d1), product16(_words(first[1]), d2)]
+
+    cpub, _, (first, second) = rb.msb_masked(d, dn, 16, 0, during=(stage1, stage2),
+                                             rho_dtype=_W16)
+    _, _, r1d1, r0d1, r2d2, r0d2 = (_words(t) for t in first)
+    r01d1, r02d2 = (_words(t) for t in second)
+    lt = cpub.to(_W16)
+    a0, b0 = 1 - lt[0], 2 * lt[0] - 1  # [d_j >= 0] = alpha_j + beta_j rho_j
+    a1, b1 = 1 - lt[1], 2 * lt[1] - 1
+    a2, b2 = 1 - lt[2], 2 * lt[2] - 1
+    na0, nb0 = 1 - a0, -b0
+    terms = ((a0 * a1, d1), (a0 * b1, r1d1), (b0 * a1, r0d1), (b0 * b1, r01d1),
+             (na0 * a2, d2), (na0 * b2, r2d2), (nb0 * a2, r0d2), (nb0 * b2, r02d2))
+    share = c[0] + sum(k * t[0] for k, t in terms)
+    nxt = c[1] + sum(k * t[1] for k, t in terms)
+    return share.contiguous(), nxt.contiguous()
+
+
+def _narrow_words(w: Words, dim: int, start: int, length: int) -> Words:
+    return tuple(t.narrow(dim, start, length) for t in w)
+
+
+def _cat_words(parts: List[Words], dim: int) -> Words:
+    return tuple(torch.cat([p[k] for p in parts], dim) for k in range(2))
+
+
+def ternary_tree16(w: Words, dim: int) -> Words:
+    """Max along ``dim`` (keepdim) of replicated 16-bit words by thirds: ceil(log3 n) levels,
+    one comparison's rounds each; a leftover of one entry is carried, of two padded with a
+    copy of the last (the max is unchanged; a row of two is padded to three)."""
+    cur = w
+    while cur[0].size(dim) > 1:
+        n = cur[0].size(dim)
+        if n % 3 == 2:
+            cur = _cat_words([cur, _narrow_words(cur, dim, n - 1, 1)], dim)
+            n += 1
+        t = n // 3
+        best = largest_of_three16(*(_narrow_words(cur, dim, k * t, t) for k in range(3)))
+        if n % 3 == 1:
+            best = _cat_words([best, _narrow_words(cur, dim, n - 1, 1)], dim)
+        cur = best
+    return cur
+
+
+def lift16(delta: Words) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Replicated 64-bit (share, replica) of the integer ``delta`` in [0, 2^15) held as
+    replicated 16-bit words: 2 rounds, helper-assisted (the helper h rotates per call like
+    the exact truncation's; A = h + 1, B = h + 2).
+
+    h draws ``r = r_a + r_b mod 2^16`` (``r_a`` from the A-h stream, ``r_b`` from B-h) and
+    sends A ``delta_h + r`` (masked by ``r_b``) and B ``delta_{h+1} + r`` (masked by ``r_a``)
+    with ``(W - w0, M - m0)``, ``W`` the wrap of ``r_a + r_b`` past 2^16 and ``M = msb(r)``
+    (masked by ``w0, m0`` from the A-h stream). A and B both learn ``c = delta + r mod
+    2^16``, uniform. Since ``delta < 2^15`` the sum wrapped iff ``M = 1`` and ``msb(c) = 0``,
+    so ``delta = c - r_a - r_b + 2^16 (W + (1 - msb c) M)`` in the 64-bit ring, linear in
+    the shares of W and M: A keeps ``c - r_a + 2^16 (w0 + (1 - msb c) m0)``, B ``-r_b +
+    2^16 (W - w0 + (1 - msb c)(M - m0))``, h nothing; round 2 re-shares that pair as the
+    truncation does. Messages: h 2 B to A and 18 B to B, then A and B 8 B each."""
+    rank, _ = ra._rank_ws()
+    helper = ra.helper_rotation.next()
+    a, b = (helper + 1) % 3, (helper + 2) % 3
+    d, dn = delta
+    size, dev = d.shape, d.device
+    low = (1 << 16) - 1
+
+    def unsigned(t):
+        return t.to(torch.long) & low
+
+    if rank == helper:
+        r_a = ra.rand_ring(size, "next", dev) & low
+        w0 = ra.rand_ring(size, "next", dev)
+        m0 = ra.rand_ring(size, "next", dev)
+        r_b = ra.rand_ring(size, "prev", dev) & low
+        total = r_a + r_b
+        wrap, r = total >> 16, total & low
+        msb = r >> 15
+        to_a = (d.to(torch.long) + r).to(_W16)
+        to_b = (dn.to(torch.long) + r).to(_W16)
+        corr = torch.stack([wrap - w0, msb - m0])
+        ra.exchange([(to_a, a), (to_b, b), (corr, b)], [])
+        ra.exchange([], [])  # round 2 is A's and B's (every party's rounds stay aligned)
+        t0 = ra.rand_ring(size, "next", dev)
+        t2 = ra.rand_ring(size, "prev", dev)
+        return t2, t0
+    got = torch.empty(size, dtype=_W16, device=dev)
+    if rank == a:  # holds (delta_{h+1}, delta_{h+2})
+        r_a = ra.rand_ring(size, "prev", dev) & low
+        w0 = ra.rand_ring(size, "prev", dev)
+        m0 = ra.rand_ring(size, "prev", dev)
+        ra.exchange([], [(got, helper)])
+        c = unsigned(d + dn + got)
+        keep = 1 - (c >> 15)
+        o = c - r_a + ((w0 + keep * m0) << 16)
+        t0 = ra.rand_ring(size, "prev", dev)
+        mine, other = o - t0, torch.empty(size, dtype=torch.long, device=dev)
+        ra.exchange([(mine, b)], [(other, b)])
+        return t0, mine + other
+    # B holds (delta_{h+2}, delta_h)
+    r_b = ra.rand_ring(size, "next", dev) & low
+    corr = torch.empty((2,) + tuple(size), dtype=torch.long, device=dev)
+    ra.exchange([], [(got, helper), (corr, helper)])
+    c = unsigned(d + dn + got)
+    keep = 1 - (c >> 15)
+    o = -r_b + ((corr[0] + keep * corr[1]) << 16)
+    t2 = ra.rand_ring(size, "next", dev)
+    mine, other = o - t2, torch.empty(size, dtype=torch.long, device=dev)
+    ra.exchange([(mine, a)], [(other, a)])
+    return other + mine, t2
+
+
+def row_max(x: MPCTensor, dim: int, shift: int, keepdim: bool = True) -> MPCTensor:
+    """A value within 3 2^shift (encoded units) of the max of ``x`` along ``dim``, replicated
+    (replica attached), for rows whose entries differ by less than 2^(15 + shift): the tree
+    of :func:`ternary_tree16` on 16-bit words, lifted back by :func:`lift16` relative to
+    the row's first entry."""
+    dim = dim % x.dim()
+    xs = x.share
+    xn = ra.replicate(xs)
+    first = xs.narrow(dim, 0, 1).contiguous(), xn.narrow(dim, 0, 1).contiguous()
+    if x.size(dim) == 1:
+        top_s, top_n = first
+    else:
+        w = narrow16(xs, xn, shift)
+        m = ternary_tree16(w, dim)
+        w0 = _narrow_words(w, dim, 0, 1)
+        ds, dn = lift16((m[0] - w0[0], m[1] - w0[1]))
+        top_s, top_n = first[0] + (ds << shift), first[1] + (dn << shift)
+    out = x.shallow_copy()
+    out._tensor = x._tensor.shallow_copy()
+    out.share = ra.remember(top_s.contiguous(), top_n.contiguous())
+    return out if keepdim else out.squeeze(dim)
