@@ -11,6 +11,9 @@ beside the squarings (:func:`.side_by_side.run_together`: their rounds are share
 calibrated lower bound of the inputs is known (knob ``exp_input_min``, e.g. the recorded
 softmax range -9.95 with margin) and lies above -1.75 * 2^n (:func:`exp_safe_bound`), the
 comparison is skipped: there the unclipped result is already within 6e-5 of exp(x).
+On the rss backend the squarings after the first two run on 32-bit words at 15 fractional
+bits (:func:`_squarings_on_words`, :mod:`.replicated.word32_square`): 28 instead of 52 B per
+element each, the same rounds and error.
 The first square is taken untruncated (one truncation for the division by 2^n and the
 square) only where truncation is exact (:func:`.config.truncation_is_exact`): its raw value is about
 2^(2n + 2f) = 2^44, and CrypTen's own protocols (``replicated``: ABY3's two-share method;
@@ -24,7 +27,9 @@ levels of one batched comparison each, about 1.5 n comparisons per row; ``"tree"
 n - 1 comparisons, ceil(log2 n) levels; no argmax one-hot as in CrypTen), exp of x - max, then the row sum s in
 [1, n] is inverted by the magnitude-guided reciprocal on [2^0, 2^ceil(log2 n)]
 (log2 n comparisons per ROW) with 32 fractional bits (:func:`.reciprocal.reciprocal_fine`),
-so that rows of thousands of entries keep their precision, and applied in one product.
+so that rows of thousands of entries keep their precision, and applied in one product. On the
+rss backend the row max's whole tree runs on 16-bit words
+(:mod:`.replicated.word16_max`, within 3/64 of the max).
 """
 
 from __future__ import annotations
@@ -63,7 +68,9 @@ def _needs_clip(cfg) -> bool:
 
 
 def exp(x: MPCTensor) -> MPCTensor:
-    """exp(x) for x <= 0 (positive inputs are not supported: the result would grow)."""
+    """exp(x) for x <= 0 (positive inputs are not supported: the result would grow; on the
+    rss backend, whose squarings run on 32-bit words, inputs above about 0.3 come out as
+    garbage, while the softmax's inputs stay below 3/64)."""
     cfg = config.current()
     n = cfg.exp_squarings
 

@@ -337,7 +337,8 @@ def msb(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0) -
 
 def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int = 0,
                during: Sequence[Callable[[Any], Sequence[torch.Tensor]]] = (),
-               rho_dtype: torch.dtype = torch.long):
+               rho_dtype: torch.dtype = torch.long,
+               riders: Optional[Callable[[int], Sequence["Step"]]] = None):
     """The sign bit of the replicated arithmetic value ``(x, x_next)`` (read mod 2^bits) in
     MASKED form ``(c, rho, extra)``: ``c`` public (uint8, the same on every party), ``rho``
     this party's replicated arithmetic share (integer scale, replica attached) of a random bit
@@ -368,21 +369,26 @@ def msb_masked(x: torch.Tensor, x_next: torch.Tensor, bits: int = 64, shift: int
     P1 / P2 8 per element), the tree's, and 2 bits per element per party for the opening.
     ``bits`` 16 with a ``shift`` (:func:`_narrow`): 5 rounds, for bounded values.
     ``rho_dtype`` int16: ``rho``'s arithmetic sharing mod 2^16 only (its products then live in
-    that ring: :mod:`.word16_max`), a quarter of the injection's bytes."""
+    that ring: :mod:`.word16_max`), a quarter of the injection's bytes. ``riders(k)``: other
+    one-round steps (another protocol's messages) that ride in round k before the opening
+    (0: the generate / propagate round, k >= 1: the k-th AND round), called when that round
+    is about to go out."""
     rank, _ = ra._rank_ws()
     x, x_next = _narrow(x, x_next, bits, shift)
     shape, dev = x.shape, x.device
     rho = (ra.rand_bits(shape, "prev", dev), ra.rand_bits(shape, "next", dev))
-    (g, p), rho_arith = _one_round(_generate_propagate_start(x, x_next),
-                                   _inject_start(rho, rho_dtype))
+    extra = list(riders(0)) if riders is not None else []
+    (g, p), rho_arith, *_ = _one_round(_generate_propagate_start(x, x_next),
+                                       _inject_start(rho, rho_dtype), *extra)
     outs: List[List[torch.Tensor]] = []
 
     def stage(level):
+        more = list(riders(level + 1)) if riders is not None else []
         if level >= len(during):
-            return ()
+            return more
         steps = [_reshare_start(z) for z in during[level](outs[-1] if outs else rho_arith)]
         outs.append([st[3] for st in steps])
-        return steps
+        return steps + more
 
     g_hi, p_hi, g_lo = _carry_planes(g, p, bits, keep_last=True, extra=stage)
     if len(outs) < len(during):

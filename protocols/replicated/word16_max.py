@@ -102,12 +102,13 @@ def _cat_words(parts: List[Words], dim: int) -> Words:
     return tuple(torch.cat([p[k] for p in parts], dim) for k in range(2))
 
 
-def ternary_tree16(w: Words, dim: int) -> Words:
+def ternary_tree16(w: Words, dim: int, stop: int = 1) -> Words:
     """Max along ``dim`` (keepdim) of replicated 16-bit words by thirds: ceil(log3 n) levels,
     one comparison's rounds each; a leftover of one entry is carried, of two padded with a
-    copy of the last (the max is unchanged; a row of two is padded to three)."""
+    copy of the last (the max is unchanged; a row of two is padded to three). ``stop``:
+    reduce only until at most that many entries are left."""
     cur = w
-    while cur[0].size(dim) > 1:
+    while cur[0].size(dim) > stop:
         n = cur[0].size(dim)
         if n % 3 == 2:
             cur = _cat_words([cur, _narrow_words(cur, dim, n - 1, 1)], dim)
@@ -118,6 +119,66 @@ def ternary_tree16(w: Words, dim: int) -> Words:
             best = _cat_words([best, _narrow_words(cur, dim, n - 1, 1)], dim)
         cur = best
     return cur
+
+
+def _last_level(a: Words, b: Words, c: Words, ref: Words) -> Tuple[torch.Tensor, torch.Tensor]:
+    """max(a, b, c) - ref + 2^14 as a replicated 64-bit (share, replica), in the rounds of one
+    comparison: the three candidates, relative to ``ref`` (each within 2^14 of it), are
+    lifted (:func:`lift16_start`) in the comparison's first two rounds, so the selection's
+    products with the lifted differences are 64-bit ones prepared in the carry tree's second
+    AND round (the rho's injected as 64-bit sharings), and no round follows the opening."""
+    d = torch.stack([a[0] - b[0], a[0] - c[0], b[0] - c[0]])
+    dn = torch.stack([a[1] - b[1], a[1] - c[1], b[1] - c[1]])
+    offset = 1 << 14
+    rel = ra.add_public(torch.stack([a[0], b[0], c[0]]) - ref[0],
+                        torch.stack([a[1], b[1], c[1]]) - ref[1], offset)  # into share 0
+    held = {}
+    first = lift16_start(rel)
+
+    def riders(k):  # the lift's two rounds ride in the comparison's rounds 0 and 1
+        if k == 0:
+            return [(first[0], first[1], lambda: held.__setitem__("second", first[2]()))]
+        if k == 1:
+            second = held["second"]
+            return [(second[0], second[1], lambda: held.__setitem__("lifted", second[2]()))]
+        return []
+
+    def product(x, y):  # 3-out-of-3 share of x y (replicated 64-bit x, y)
+        return ra.local_product(torch.mul, x, ra.cached_next(x), y, ra.cached_next(y))
+
+    def stage1(rho):
+        r = [ra.remember(rho[k].contiguous(), ra.cached_next(rho)[k].contiguous())
+             for k in range(3)]
+        held["rho"] = r
+        return [product(r[0], r[1]), product(r[0], r[2])]
+
+    def stage2(first_products):
+        ls, ln = held["lifted"]
+        lifted = [ra.remember(ls[k].contiguous(), ln[k].contiguous()) for k in range(3)]
+        held["c"] = lifted[2]
+        d1 = ra.remember((ls[0] - ls[2]).contiguous(), (ln[0] - ln[2]).contiguous())
+        d2 = ra.remember((ls[1] - ls[2]).contiguous(), (ln[1] - ln[2]).contiguous())
+        held["d"] = d1, d2
+        r = held["rho"]
+        r01, r02 = first_products
+        return [product(r[1], d1), product(r[0], d1), product(r[2], d2), product(r[0], d2),
+                product(r01, d1), product(r02, d2)]
+
+    cpub, _, (_, second) = rb.msb_masked(d, dn, 16, 0, during=(stage1, stage2),
+                                         riders=riders)
+    r1d1, r0d1, r2d2, r0d2, r01d1, r02d2 = second
+    d1, d2 = held["d"]
+    lt = cpub.to(torch.long)
+    a0, b0 = 1 - lt[0], 2 * lt[0] - 1  # [d_j >= 0] = alpha_j + beta_j rho_j
+    a1, b1 = 1 - lt[1], 2 * lt[1] - 1
+    a2, b2 = 1 - lt[2], 2 * lt[2] - 1
+    na0, nb0 = 1 - a0, -b0
+    terms = ((a0 * a1, d1), (a0 * b1, r1d1), (b0 * a1, r0d1), (b0 * b1, r01d1),
+             (na0 * a2, d2), (na0 * b2, r2d2), (nb0 * a2, r0d2), (nb0 * b2, r02d2))
+    c64 = held["c"]
+    share = c64 + sum(k * t for k, t in terms)
+    nxt = ra.cached_next(c64) + sum(k * ra.cached_next(t) for k, t in terms)
+    return share.contiguous(), nxt.contiguous()
 
 
 def lift16(delta: Words) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +195,13 @@ def lift16(delta: Words) -> Tuple[torch.Tensor, torch.Tensor]:
     the shares of W and M: A keeps ``c - r_a + 2^16 (w0 + (1 - msb c) m0)``, B ``-r_b +
     2^16 (W - w0 + (1 - msb c)(M - m0))``, h nothing; round 2 re-shares that pair as the
     truncation does. Messages: h 2 B to A and 18 B to B, then A and B 8 B each."""
+    second = rb._one_round(lift16_start(delta))
+    return rb._one_round(second)
+
+
+def lift16_start(delta: Words) -> rb.Step:
+    """:func:`lift16` as a one-round step whose finish returns the second round's step (whose
+    finish returns the replicated 64-bit pair): to ride in another protocol's rounds."""
     rank, _ = ra._rank_ws()
     helper = ra.helper_rotation.next()
     a, b = (helper + 1) % 3, (helper + 2) % 3
@@ -144,6 +212,14 @@ def lift16(delta: Words) -> Tuple[torch.Tensor, torch.Tensor]:
     def unsigned(t):
         return t.to(torch.long) & low
 
+    # every draw happens here, at the same program point on each pair of parties, so the
+    # steps may ride in another protocol's rounds (whose own draws come between them)
+    def reshare(o, partner, t):  # round 2: the A-B pair re-shares its additive result
+        mine, other = (o - t).contiguous(), torch.empty(size, dtype=torch.long, device=dev)
+        first = rank == a
+        return [(mine, partner)], [(other, partner)], \
+            lambda: (t, mine + other) if first else (mine + other, t)
+
     if rank == helper:
         r_a = ra.rand_ring(size, "next", dev) & low
         w0 = ra.rand_ring(size, "next", dev)
@@ -152,45 +228,49 @@ def lift16(delta: Words) -> Tuple[torch.Tensor, torch.Tensor]:
         total = r_a + r_b
         wrap, r = total >> 16, total & low
         msb = r >> 15
+        t0, t2 = ra.rand_ring(size, "next", dev), ra.rand_ring(size, "prev", dev)
         to_a = (d.to(torch.long) + r).to(_W16)
         to_b = (dn.to(torch.long) + r).to(_W16)
         corr = torch.stack([wrap - w0, msb - m0])
-        ra.exchange([(to_a, a), (to_b, b), (corr, b)], [])
-        ra.exchange([], [])  # round 2 is A's and B's (every party's rounds stay aligned)
-        t0 = ra.rand_ring(size, "next", dev)
-        t2 = ra.rand_ring(size, "prev", dev)
-        return t2, t0
+
+        def helper_done():  # round 2 is A's and B's; the helper's shares are stream draws
+            return [], [], lambda: (t2, t0)
+
+        return [(to_a, a), (to_b, b), (corr, b)], [], helper_done
     got = torch.empty(size, dtype=_W16, device=dev)
     if rank == a:  # holds (delta_{h+1}, delta_{h+2})
         r_a = ra.rand_ring(size, "prev", dev) & low
         w0 = ra.rand_ring(size, "prev", dev)
         m0 = ra.rand_ring(size, "prev", dev)
-        ra.exchange([], [(got, helper)])
-        c = unsigned(d + dn + got)
-        keep = 1 - (c >> 15)
-        o = c - r_a + ((w0 + keep * m0) << 16)
         t0 = ra.rand_ring(size, "prev", dev)
-        mine, other = o - t0, torch.empty(size, dtype=torch.long, device=dev)
-        ra.exchange([(mine, b)], [(other, b)])
-        return t0, mine + other
+
+        def a_done():
+            c = unsigned(d + dn + got)
+            keep = 1 - (c >> 15)
+            return reshare(c - r_a + ((w0 + keep * m0) << 16), b, t0)
+
+        return [], [(got, helper)], a_done
     # B holds (delta_{h+2}, delta_h)
     r_b = ra.rand_ring(size, "next", dev) & low
-    corr = torch.empty((2,) + tuple(size), dtype=torch.long, device=dev)
-    ra.exchange([], [(got, helper), (corr, helper)])
-    c = unsigned(d + dn + got)
-    keep = 1 - (c >> 15)
-    o = -r_b + ((corr[0] + keep * corr[1]) << 16)
     t2 = ra.rand_ring(size, "next", dev)
-    mine, other = o - t2, torch.empty(size, dtype=torch.long, device=dev)
-    ra.exchange([(mine, a)], [(other, a)])
-    return other + mine, t2
+    corr = torch.empty((2,) + tuple(size), dtype=torch.long, device=dev)
+
+    def b_done():
+        c = unsigned(d + dn + got)
+        keep = 1 - (c >> 15)
+        return reshare(-r_b + ((corr[0] + keep * corr[1]) << 16), a, t2)
+
+    return [], [(got, helper), (corr, helper)], b_done
 
 
 def row_max(x: MPCTensor, dim: int, shift: int, keepdim: bool = True) -> MPCTensor:
-    """A value within 3 2^shift (encoded units) of the max of ``x`` along ``dim``, replicated
-    (replica attached), for rows whose entries differ by less than 2^(15 + shift): the tree
-    of :func:`ternary_tree16` on 16-bit words, lifted back by :func:`lift16` relative to
-    the row's first entry."""
+    """A value within 3 2^(shift + 1) (encoded units) of the max of ``x`` along ``dim``,
+    replicated (replica attached), for rows whose entries differ by less than 2^(15 + shift)
+    (512 at shift 10, f = 16): the row narrowed at ``shift + 1`` bits (so the last level's
+    candidates lie within 2^14 words of the row's first entry), the tree of thirds on 16-bit
+    words (:func:`ternary_tree16`) down to three candidates, and the last level
+    (:func:`_last_level`) lifting them back to 64 bits while it compares: the rounds of the
+    tree's comparisons only."""
     dim = dim % x.dim()
     xs = x.share
     xn = ra.replicate(xs)
@@ -198,11 +278,16 @@ def row_max(x: MPCTensor, dim: int, shift: int, keepdim: bool = True) -> MPCTens
     if x.size(dim) == 1:
         top_s, top_n = first
     else:
-        w = narrow16(xs, xn, shift)
-        m = ternary_tree16(w, dim)
-        w0 = _narrow_words(w, dim, 0, 1)
-        ds, dn = lift16((m[0] - w0[0], m[1] - w0[1]))
-        top_s, top_n = first[0] + (ds << shift), first[1] + (dn << shift)
+        s = shift + 1
+        w = narrow16(xs, xn, s)
+        cur = ternary_tree16(w, dim, stop=3)
+        if cur[0].size(dim) == 2:
+            cur = _cat_words([cur, _narrow_words(cur, dim, 1, 1)], dim)
+        ds, dn = _last_level(*(_narrow_words(cur, dim, k, 1) for k in range(3)),
+                             _narrow_words(w, dim, 0, 1))
+        # top = x_0 + (max - w_0) 2^s, the lifted value carrying the offset 2^14
+        top_s, top_n = ra.add_public(first[0] + (ds << s), first[1] + (dn << s),
+                                     -(1 << (14 + s)))
     out = x.shallow_copy()
     out._tensor = x._tensor.shallow_copy()
     out.share = ra.remember(top_s.contiguous(), top_n.contiguous())

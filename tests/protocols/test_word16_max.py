@@ -14,7 +14,7 @@ from cipherdm_torch.protocols.replicated import arith as ra, backend as rss_back
     word16_max
 
 SHIFT = 10  # config.Settings().coarse_compare_shift
-SLACK = 3 * 2.0 ** (SHIFT - 16)
+SLACK = 3 * 2.0 ** (SHIFT + 1 - 16)  # narrowed one bit coarser than the comparisons
 
 
 def _lift_body(delta):
@@ -95,4 +95,4 @@ def test_row_max_on_words_within_slack_and_replicated(parties):
         words, wide = r["cost"]
         # rows of 196: the 64-bit selection re-shares 8 words of 8 B per triple, these 2 B
         assert words["bytes_sent"] < 0.5 * wide["bytes_sent"], (words, wide)
-        assert words["rounds"] <= wide["rounds"] + 2  # the lift's two rounds
+        assert words["rounds"] <= wide["rounds"]  # the lift rides in the last level's rounds
