@@ -133,33 +133,22 @@ def _variant(variant, rank):
 
 @contextlib.contextmanager
 def _exchange_log(active):
-    """Whether this party receives in each of the rss backend's exchanges (every protocol calls
-    ``exchange`` the same number of times on every party, lockstep), for the rounds in which ANY
-    party waits: the latency a forward pays (a party's meter counts only its own waits)."""
-    waits = []
+    """This party's wait log on the rss backend (:func:`...arith.exchange_log`), for the rounds
+    in which ANY party waits; nothing elsewhere."""
     if not active:
-        yield waits
+        yield []
         return
     from cipherdm_torch.protocols.replicated import arith as ra
 
-    orig = ra.exchange_now
-
-    def logged(sends, recvs):
-        waits.append(bool(recvs))
-        return orig(sends, recvs)
-
-    ra.exchange_now = logged
-    try:
+    with ra.exchange_log() as waits:
         yield waits
-    finally:
-        ra.exchange_now = orig
 
 
 def protocol_rounds(waits_per_party):
     """Exchanges in which at least one party waits (None when the logs do not line up)."""
-    if not all(waits_per_party) or len({len(w) for w in waits_per_party}) != 1:
-        return None
-    return sum(any(col) for col in zip(*waits_per_party))
+    from cipherdm_torch.protocols.replicated import arith as ra
+
+    return ra.rounds_any_party(waits_per_party)
 
 
 def _batch_sweep(enc, info, batches, variant):

@@ -17,8 +17,8 @@ import torch
 from cipherdm_torch.protocols import activations, baseline, config, exp_softmax, normalization
 from cipherdm_torch.protocols import reciprocal as magnitude  # (``reciprocal`` is a function here)
 
-__all__ = ["silu", "mish", "gelu", "geglu", "exp", "softmax", "reciprocal", "rsqrt",
-           "group_norm", "layer_norm"]
+__all__ = ["silu", "mish", "gelu", "geglu", "exp", "softmax", "softmax_matmul", "reciprocal",
+           "rsqrt", "group_norm", "layer_norm"]
 
 if TYPE_CHECKING:
     from crypten.mpc import MPCTensor
@@ -74,6 +74,15 @@ def exp(x: MPCTensor) -> MPCTensor:
 def softmax(x: MPCTensor, dim: int) -> MPCTensor:
     """Softmax along ``dim``."""
     return _impl("softmax")(x, dim)
+
+
+def softmax_matmul(x: MPCTensor, v: Union[MPCTensor, torch.Tensor]) -> MPCTensor:
+    """softmax(x, -1) @ v (attention's probabilities times its values), as the ``softmax``
+    variant says: CrypTen's softmax then the product, or the optimised protocol, which
+    normalises after the product (:func:`.exp_softmax.softmax_matmul`)."""
+    if config.current().softmax == "baseline":
+        return baseline.softmax(x, -1).matmul(v)
+    return exp_softmax.softmax_matmul(x, v)
 
 
 def reciprocal(x: MPCTensor) -> MPCTensor:

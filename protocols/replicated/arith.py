@@ -96,7 +96,10 @@ and ``truncate`` with the signatures CrypTen's ``ArithmeticSharedTensor`` calls.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union
+import contextlib
+
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple, \
+    Union
 
 import torch
 
@@ -197,9 +200,36 @@ def exchange(sends: Sequence[Tuple[torch.Tensor, int]],
     exchange_now(sends, recvs)
 
 
+_WAIT_LOGS: List[List[bool]] = []
+
+
+@contextlib.contextmanager
+def exchange_log() -> Iterator[List[bool]]:
+    """Record, for each exchange on the network while active, whether this party receives in
+    it. Every protocol calls ``exchange`` the same number of times on every party (lockstep),
+    so the parties' logs line up: :func:`rounds_any_party` of them counts the rounds in which
+    ANY party waits, the latency a computation pays (a party's cost meter counts only its
+    own waits, and which party helps a truncation rotates)."""
+    log: List[bool] = []
+    _WAIT_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _WAIT_LOGS.remove(log)
+
+
+def rounds_any_party(logs: Sequence[Sequence[bool]]) -> Optional[int]:
+    """Exchanges in which at least one party waits (None when the logs do not line up)."""
+    if not all(logs) or len({len(w) for w in logs}) != 1:
+        return None
+    return sum(any(col) for col in zip(*logs))
+
+
 def exchange_now(sends: Sequence[Tuple[torch.Tensor, int]],
                  recvs: Sequence[Tuple[torch.Tensor, int]]) -> None:
     """:func:`exchange` on the network, now."""
+    for log in _WAIT_LOGS:  # empty exchanges too: the parties' logs line up
+        log.append(bool(recvs))
     if not sends and not recvs:
         return
     c = comm.get()

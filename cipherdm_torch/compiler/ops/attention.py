@@ -1,4 +1,5 @@
-"""Scaled dot-product attention on secret shares: two products around a softmax.
+"""Scaled dot-product attention on secret shares: two products around a softmax (the second
+fused with it: ``protocols.functions.softmax_matmul`` normalises after the product).
 
 Masks, attention dropout and causal attention are refused by :func:`_sdpa_check`.
 """
@@ -59,6 +60,11 @@ def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
     d = q.size(-1)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = scaled_scores(q, k.transpose(-1, -2), scale)
-    with cost.region("softmax"):  # inside the node's "attention" region
-        probs = nonlinear("softmax")(scores, -1)
-    return mm(probs, v)
+    if not (is_secret(scores) and is_secret(v)):
+        with cost.region("softmax"):  # inside the node's "attention" region
+            probs = nonlinear("softmax")(scores, -1)
+        return mm(probs, v)
+    # softmax and the product by v in one region: the optimised protocol normalises after
+    # the product (protocols.exp_softmax.softmax_matmul); the baseline does softmax then mm
+    with cost.region("softmax"):
+        return nonlinear("softmax_matmul")(scores, v)
