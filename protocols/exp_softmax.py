@@ -29,7 +29,7 @@ n - 1 comparisons, ceil(log2 n) levels; no argmax one-hot as in CrypTen), exp of
 (log2 n comparisons per ROW) with 32 fractional bits (:func:`.reciprocal.reciprocal_fine`),
 so that rows of thousands of entries keep their precision, and applied in one product. On the
 rss backend the row max's whole tree runs on 16-bit words
-(:mod:`.replicated.word16_max`, within 3/64 of the max).
+(:mod:`.replicated.word16_max`, within 3/32 of the max).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _needs_clip(cfg) -> bool:
 def exp(x: MPCTensor) -> MPCTensor:
     """exp(x) for x <= 0 (positive inputs are not supported: the result would grow; on the
     rss backend, whose squarings run on 32-bit words, inputs above about 0.3 come out as
-    garbage, while the softmax's inputs stay below 3/64)."""
+    garbage, while the softmax's inputs stay below 3/32)."""
     cfg = config.current()
     n = cfg.exp_squarings
 

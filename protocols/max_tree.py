@@ -108,7 +108,7 @@ def ternary_max(x: MPCTensor, dim: int, keepdim: bool = True) -> MPCTensor:
 
     Inside ``protocols.config.coarse_comparisons()`` on the rss backend (16-bit comparisons
     after a local shift s: the softmax row max) the whole tree runs on 16-bit words and the
-    result is within 3 2^s encoded units of the max
+    result is within 3 2^(s + 1) encoded units of the max
     (:func:`cipherdm_torch.protocols.replicated.word16_max.row_max`)."""
     settings = config.current()
     if crypten.cfg.mpc.protocol == "rss" and settings.compare_bits == 16:

@@ -1,21 +1,24 @@
-"""Softmax row max on 16-bit words: the whole tree of thirds in the ring Z_2^16.
+"""Softmax row max on 16-bit words: the tree of thirds in the ring Z_2^16.
 
 Why: the row max only has to land within a few hundredths of the largest logit (softmax is
 shift-invariant; see ``protocols.config`` ``coarse_compare_shift``), and its comparisons
 already read 16-bit words after a local shift. Before, every level still re-shared its
 selection products as 64-bit ring elements (8 re-shared words per triple, 8 B each); here the
-row is narrowed ONCE (each share shifted right by ``s`` locally and read mod 2^16:
-``w = floor(x / 2^s) - k``, ``k`` in {0, 1, 2}, the dropped carries) and every level's
-differences, products and re-shares are 16-bit words (2 B on the wire). Sums and
-differences mod 2^16 are exact, so the tree returns ``m = max_i w_i`` exactly whenever the
-row's coarse values differ by less than 2^15 (logits within 2^(15 + s - f) = 512 of each
-other at s = 10, f = 16: the range the coarse comparisons already had).
+row is narrowed ONCE (each share shifted right by ``s = coarse_compare_shift + 1`` bits
+locally and read mod 2^16: ``w = floor(x / 2^s) - k``, ``k`` in {0, 1, 2}, the dropped
+carries) and every level's differences, products, re-shares and the comparisons' injected
+random bits are 16-bit words (2 B on the wire). Sums and differences mod 2^16 are exact, so
+the tree is exact on the words whenever a row's words differ by less than 2^14 (logits within
+2^(14 + s - f) = 512 of each other at s = 11, f = 16: the range the coarse comparisons had).
 
-The max then goes back to the 64-bit ring relative to the row's first entry: ``delta = m -
-w_0`` lies in [0, 2^15) and is lifted exactly (:func:`lift16`, two rounds per row, a
-helper-assisted opening like the exact truncation's), and ``top = x_0 + delta 2^s`` differs
-from the row's true max by less than 3 2^s (3/64 at s = 10): exp's input x - top reaches at
-most that above zero, where the optimised exp is as accurate.
+The last level goes back to the 64-bit ring while it compares (:func:`_last_level`): its
+three candidates, relative to the row's first entry and offset by 2^14 (so in [0, 2^15)),
+are lifted exactly (:func:`lift16_start`, a helper-assisted opening in two rounds that ride
+in the comparison's first two rounds) and the selection's products with the lifted
+differences are 64-bit ones prepared in the carry tree, so no round follows the tree. The
+result ``top = x_0 + (max_w - w_0) 2^s`` differs from the row's true max by less than
+3 2^s (3/32 at s = 11): exp's input x - top reaches at most that above zero, where the
+optimised exp is as accurate (its 32-bit squarings hold inputs up to about 0.3).
 """
 
 from __future__ import annotations
