@@ -63,6 +63,9 @@ def _view_body(kind, secrets):
                 elif kind == "softmax":  # coarse max, exp, 1/s with nested side-by-side parts
                     with config.use("optimised"):
                         out = P.softmax(ex.reshape(-1, 8), -1)
+                elif kind == "softmax_matmul":  # attention: normalised after e @ v
+                    with config.use("optimised"):
+                        out = P.softmax_matmul(ex.reshape(-1, 8), ey.reshape(-1, 8)[:8])
                 else:
                     raise ValueError(kind)
                 nxt = ra.cached_next(out.share)  # the replica, if the output has one
@@ -94,7 +97,8 @@ def _indistinguishable(view_fixed, view_varied, pairs=True):
     combos = list(tensors)
     if pairs:
         for (fa, va), (fb, vb) in itertools.combinations(tensors, 2):
-            if fa.shape == fb.shape and fa.dtype == fb.dtype == torch.long:
+            if fa.shape == fb.shape and fa.dtype == fb.dtype and \
+                    fa.dtype in (torch.long, torch.int32, torch.int16):  # ring words
                 combos += [(fa + fb, va + vb), (fa - fb, va - vb), (fa ^ fb, va ^ vb)]
     for f, v in combos:
         bf, bv = _byte_columns(f), _byte_columns(v)
@@ -153,14 +157,16 @@ def test_side_by_side_silu_view_independent_of_secret(parties):
 
 
 def test_max_and_softmax_views_independent_of_secret(parties):
-    """The ternary max (comparison bits opened under a random bit's mask, the selection's
-    products re-shared during the carry tree) and the softmax around it: every party's whole
-    view is independent of the secret (the max with pairs of messages too)."""
+    """The ternary max (on 16-bit words: comparison bits opened under a random bit's mask, the
+    selection's products re-shared during the carry tree, the last level's candidates lifted
+    back to 64 bits in its rounds), the softmax around it (exp's squarings on 32-bit words)
+    and attention's softmax times v: every party's whole view is independent of the secret
+    (the max with pairs of messages too)."""
     g = torch.Generator().manual_seed(7)
     n = 8192
     fixed = torch.full((n,), 3.25)
     varied = (torch.rand(n, generator=g) - 0.5) * 40
-    for kind, pairs in (("max3", True), ("softmax", False)):
+    for kind, pairs in (("max3", True), ("softmax", False), ("softmax_matmul", False)):
         views = parties.run(_view_body, kind, [fixed, varied], timeout=600)
         for rank, (vf, vv) in enumerate(views):
             assert len(vf) == len(vv) and len(vf) >= 2
