@@ -39,10 +39,12 @@ def test_softmax_matmul_normalises_after_the_product(parties):
     rounds = {name: ra.rounds_any_party([r[name][2] for r in results])
               for name in ("fused", "apart")}
     assert rounds["fused"] is not None and rounds["fused"] <= rounds["apart"] - 2, rounds
+    # bytes summed over the parties (which party helps a truncation rotates)
+    sent = {name: sum(r[name][1]["bytes_sent"] for r in results) for name in ("fused", "apart")}
+    assert sent["fused"] < 0.95 * sent["apart"], sent
     for r in results:
-        fused, cost_fused, _ = r["fused"]
-        apart, cost_apart, _ = r["apart"]
+        fused = r["fused"][0]
+        apart = r["apart"][0]
         assert float((fused - want).abs().max()) < 0.02, float((fused - want).abs().max())
         assert float((fused - apart).abs().max()) < 0.02
         assert float((r["baseline"] - want[:1]).abs().max()) < 0.1
-        assert cost_fused["bytes_sent"] < cost_apart["bytes_sent"]
