@@ -19,7 +19,7 @@ s, for the softmax row max) 5 rounds, with a one-sided error zone [0, 2^(s+1-f))
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -33,7 +33,7 @@ from cipherdm_torch.protocols.replicated import arith as ra
 from cipherdm_torch.protocols.replicated import binary as rb
 
 __all__ = ["ltz_share", "ltz", "lt", "ge", "relu", "select", "largest_of_three", "max",
-           "mul_bit_share"]
+           "mul_bit_share", "ternary_select"]
 
 
 def ltz_share(x: torch.Tensor, bits: Optional[int] = None) -> torch.Tensor:
@@ -157,22 +157,34 @@ def largest_of_three(a: MPCTensor, b: MPCTensor, c: MPCTensor) -> MPCTensor:
                                              during=(stage1, stage2))
     _, _, r1d1, r0d1, r2d2, r0d2 = first
     r01d1, r02d2 = second
-    lt = cpub.to(torch.long)
+    terms = (d1, r1d1, r0d1, r01d1, d2, r2d2, r0d2, r02d2)
+    share, nxt = ternary_select((c.share, c_next), cpub.to(torch.long), terms,
+                                [ra.cached_next(t) for t in terms])
+    out = c.shallow_copy()
+    out._tensor = c._tensor.shallow_copy()
+    out.share = ra.remember(share, nxt)
+    return out
 
+
+def ternary_select(c: Tuple[torch.Tensor, torch.Tensor], lt: torch.Tensor,
+                   terms: Sequence[torch.Tensor], nexts: Sequence[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(share, replica) of max(a, b, c) = c + s_a (a - c) + s_b (b - c) from the three masked
+    comparison bits (``lt``: the opened ``c_j`` of [a-b < 0], [a-c < 0], [b-c < 0], leading
+    dimension 3, in the ring's dtype) and the replicated ``terms`` (d1, rho1 d1, rho0 d1,
+    rho0 rho1 d1, d2, rho2 d2, rho0 d2, rho0 rho2 d2) with their replicas ``nexts``
+    (d1 = a - c, d2 = b - c): a public combination, local. Shared by the 64-bit
+    :func:`largest_of_three` and the 16-bit tree of :mod:`.word16_max`."""
     def ge(j):  # [diff_j >= 0] = alpha + beta rho_j, public alpha, beta
         return 1 - lt[j], 2 * lt[j] - 1
 
     (a0, b0), (a1, b1), (a2, b2) = ge(0), ge(1), ge(2)
     na0, nb0 = 1 - a0, -b0  # lt_0 = 1 - ge_0
     # s_a (a - c) = (a0 + b0 r0)(a1 + b1 r1) d1; s_b (b - c) = (na0 + nb0 r0)(a2 + b2 r2) d2
-    terms = ((a0 * a1, d1), (a0 * b1, r1d1), (b0 * a1, r0d1), (b0 * b1, r01d1),
-             (na0 * a2, d2), (na0 * b2, r2d2), (nb0 * a2, r0d2), (nb0 * b2, r02d2))
-    share = c.share + sum(k * t for k, t in terms)
-    out = c.shallow_copy()
-    out._tensor = c._tensor.shallow_copy()
-    nxt = c_next + sum(k * ra.cached_next(t) for k, t in terms)
-    out.share = ra.remember(share.contiguous(), nxt.contiguous())
-    return out
+    weights = (a0 * a1, a0 * b1, b0 * a1, b0 * b1, na0 * a2, na0 * b2, nb0 * a2, nb0 * b2)
+    share = c[0] + sum(k * t for k, t in zip(weights, terms))
+    nxt = c[1] + sum(k * t for k, t in zip(weights, nexts))
+    return share.contiguous(), nxt.contiguous()
 
 
 def max(x: MPCTensor, dim: int = -1, keepdim: bool = False) -> MPCTensor:

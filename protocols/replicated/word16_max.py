@@ -30,6 +30,7 @@ from crypten.mpc import MPCTensor
 
 from cipherdm_torch.protocols.replicated import arith as ra
 from cipherdm_torch.protocols.replicated import binary as rb
+from cipherdm_torch.protocols.replicated import compare as rc
 
 __all__ = ["narrow16", "product16", "largest_of_three16", "ternary_tree16", "lift16",
            "row_max"]
@@ -44,16 +45,9 @@ def narrow16(x: torch.Tensor, x_next: torch.Tensor, shift: int) -> Words:
     return rb._narrow(x, x_next, 16, shift)
 
 
-def _zero16(shape, device) -> torch.Tensor:
-    return ra.zero_share(shape, device).to(_W16)
-
-
 def product16(x: Words, y: Words) -> torch.Tensor:
-    """This party's re-randomised 3-out-of-3 share of ``x * y`` mod 2^16 (no communication;
-    int16 products wrap mod 2^16)."""
-    (xs, xn), (ys, yn) = x, y
-    z = xs * (ys + yn) + xn * ys
-    return (z + _zero16(z.shape, z.device)).contiguous()
+    """This party's re-randomised 3-out-of-3 share of ``x * y`` mod 2^16 (no communication)."""
+    return ra.word_product(x[0], x[1], y[0], y[1])
 
 
 def _words(t: torch.Tensor) -> Words:
@@ -85,16 +79,8 @@ def largest_of_three16(a: Words, b: Words, c: Words) -> Words:
                                              rho_dtype=_W16)
     _, _, r1d1, r0d1, r2d2, r0d2 = (_words(t) for t in first)
     r01d1, r02d2 = (_words(t) for t in second)
-    lt = cpub.to(_W16)
-    a0, b0 = 1 - lt[0], 2 * lt[0] - 1  # [d_j >= 0] = alpha_j + beta_j rho_j
-    a1, b1 = 1 - lt[1], 2 * lt[1] - 1
-    a2, b2 = 1 - lt[2], 2 * lt[2] - 1
-    na0, nb0 = 1 - a0, -b0
-    terms = ((a0 * a1, d1), (a0 * b1, r1d1), (b0 * a1, r0d1), (b0 * b1, r01d1),
-             (na0 * a2, d2), (na0 * b2, r2d2), (nb0 * a2, r0d2), (nb0 * b2, r02d2))
-    share = c[0] + sum(k * t[0] for k, t in terms)
-    nxt = c[1] + sum(k * t[1] for k, t in terms)
-    return share.contiguous(), nxt.contiguous()
+    terms = (d1, r1d1, r0d1, r01d1, d2, r2d2, r0d2, r02d2)
+    return rc.ternary_select(c, cpub.to(_W16), [t[0] for t in terms], [t[1] for t in terms])
 
 
 def _narrow_words(w: Words, dim: int, start: int, length: int) -> Words:
@@ -171,17 +157,10 @@ def _last_level(a: Words, b: Words, c: Words, ref: Words) -> Tuple[torch.Tensor,
                                          riders=riders)
     r1d1, r0d1, r2d2, r0d2, r01d1, r02d2 = second
     d1, d2 = held["d"]
-    lt = cpub.to(torch.long)
-    a0, b0 = 1 - lt[0], 2 * lt[0] - 1  # [d_j >= 0] = alpha_j + beta_j rho_j
-    a1, b1 = 1 - lt[1], 2 * lt[1] - 1
-    a2, b2 = 1 - lt[2], 2 * lt[2] - 1
-    na0, nb0 = 1 - a0, -b0
-    terms = ((a0 * a1, d1), (a0 * b1, r1d1), (b0 * a1, r0d1), (b0 * b1, r01d1),
-             (na0 * a2, d2), (na0 * b2, r2d2), (nb0 * a2, r0d2), (nb0 * b2, r02d2))
+    terms = (d1, r1d1, r0d1, r01d1, d2, r2d2, r0d2, r02d2)
     c64 = held["c"]
-    share = c64 + sum(k * t for k, t in terms)
-    nxt = ra.cached_next(c64) + sum(k * ra.cached_next(t) for k, t in terms)
-    return share.contiguous(), nxt.contiguous()
+    return rc.ternary_select((c64, ra.cached_next(c64)), cpub.to(torch.long), terms,
+                             [ra.cached_next(t) for t in terms])
 
 
 def lift16(delta: Words) -> Tuple[torch.Tensor, torch.Tensor]:

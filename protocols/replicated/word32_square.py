@@ -51,8 +51,7 @@ def square_truncate32(y: Words, d: int, out64: bool = False) -> Words:
         raise ValueError(f"square_truncate32 divides by 2^d for 1 <= d <= 16, not {d}")
     rank, _ = ra._rank_ws()
     ys, yn = y
-    z = ys * (ys + yn) + yn * ys  # 3-out-of-3 share of y^2 mod 2^32 (int32 wraps)
-    z = (z + ra.zero_share(z.shape, z.device).to(_W32)).contiguous()
+    z = ra.word_product(ys, yn, ys, yn)  # 3-out-of-3 share of y^2 mod 2^32
     helper = ra.helper_rotation.next()
     a, b = (helper + 1) % 3, (helper + 2) % 3
     size, dev = z.shape, z.device
