@@ -195,8 +195,10 @@ def softmax_matmul(x: MPCTensor, v: MPCTensor) -> MPCTensor:
     whole n x n map becomes one over the n x d output (d the head size): a truncated element
     per logit fewer, two rounds fewer per call. Range: (e @ v) / s is a weighted mean of v's
     rows, so the final product's raw value stays below max |v| 2^48: exact for |v| < 2^13
-    (the exact truncation's 2^62), like e @ v itself (n max|v| 2^(2f) for n up to 2^17)."""
-    if not isinstance(v, MPCTensor):
+    (the exact truncation's 2^62), like e @ v itself (n max|v| 2^(2f) for n up to 2^17); so
+    only where truncation is exact (:func:`.config.truncation_is_exact`): CrypTen's own
+    truncations fail with probability ~|raw| / 2^64, and there the product keeps its order."""
+    if not isinstance(v, MPCTensor) or not config.truncation_is_exact():
         return softmax(x, -1).matmul(v)
     dim = x.dim() - 1
     e, s, hi = _exp_rows(x, dim)
